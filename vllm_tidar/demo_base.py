@@ -1,0 +1,91 @@
+"""The demo's base model: a small Llama and a byte-level BPE tokenizer trained offline on the
+Python standard library's own sources (present on every Python install, no download).
+
+``build_base`` writes a randomly initialised AR checkpoint; ``vllm-tidar train`` then trains
+it with the TiDAR objective (whose AR half is ordinary next-token pretraining).
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MASK_TOKEN
+
+EOS = "<|endoftext|>"
+DEMO_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+VOCAB_SIZE = 8192
+
+
+def stdlib_corpus() -> Path:
+    """Folder of the running interpreter's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def corpus_files(root: Path) -> list[str]:
+    """Stdlib .py files without the test suites and vendored packages."""
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
+    return sorted(str(p) for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def build_tokenizer(files: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS, MASK_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(files, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, additional_special_tokens=[MASK_TOKEN]
+    )
+
+
+def build_base(out: str | Path, seed: int = 0) -> Path:
+    """Write a random-init Llama AR checkpoint with a stdlib-trained tokenizer to ``out``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    files = corpus_files(stdlib_corpus())
+    tokenizer = build_tokenizer(files)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **DEMO_MODEL,
+    )
+    model = LlamaForCausalLM(config)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_corpus(out: str | Path) -> Path:
+    """The demo's training data as a jsonl (one stdlib source file a line)."""
+    import json
+
+    out = Path(out)
+    with out.open("w") as f:
+        for name in corpus_files(stdlib_corpus()):
+            text = Path(name).read_text(encoding="utf-8", errors="ignore")
+            f.write(json.dumps({"text": text}) + "\n")
+    return out
