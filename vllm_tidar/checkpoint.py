@@ -105,10 +105,14 @@ def save_tidar(model, tokenizer, settings: TidarSettings, out: str | Path) -> Pa
     """Save a plain HF folder with the TiDAR section and architecture in config.json."""
     out = Path(out)
     model_type = check_family(model.config)
-    model.config.tidar = settings.to_dict()
-    model.config.architectures = [ARCHITECTURES[model_type]]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # written after save_pretrained, which resets "architectures" to the HF class
+    cfg_file = out / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    raw["tidar"] = settings.to_dict()
+    raw["architectures"] = [ARCHITECTURES[model_type]]
+    cfg_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return out
 
 

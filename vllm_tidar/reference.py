@@ -69,6 +69,7 @@ class ReferenceDecoder:
         num_drafts: int | None = None,
         beta: float | None = None,
         max_len: int | None = None,
+        draft_at_prefill: bool = True,
     ):
         self.model = model
         self.settings = settings
@@ -81,6 +82,10 @@ class ReferenceDecoder:
         if not 0.0 <= self.beta <= 1.0:
             raise TidarError(f"beta must be in [0, 1], got {self.beta}")
         self.max_len = max_len or model.config.max_position_embeddings
+        # False: plain prefill, then a first step whose drafts are all [MASK] (always
+        # rejected; block 0 drafts), which is what an engine that cannot append masks to
+        # the prompt does. Costs one forward per request.
+        self.draft_at_prefill = draft_at_prefill
         self.device = next(model.parameters()).device
         self.step_mask = StepMask(self.layout, self.max_len, self.device)
         self._offsets = self.layout.position_offsets.to(self.device)
@@ -97,14 +102,18 @@ class ReferenceDecoder:
             past_key_values=cache,
             use_cache=True,
         )
-        logits = out.logits[0].float()
+        logits = out.logits[0]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         logits[:, self.mask_id] = -torch.inf  # the mask token is never sampled nor accepted
         return logits
 
     def _mix(self, ar: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         if self.beta == 1.0:
             return ar
-        return self.beta * ar + (1.0 - self.beta) * diff
+        mixed = self.beta * ar + (1.0 - self.beta) * diff
+        mixed[..., self.mask_id] = -torch.inf  # 0 * -inf would be nan
+        return mixed
 
     # --- generation ----------------------------------------------------------------------
     def generate(
@@ -196,6 +205,10 @@ class _Session:
         """Prompt causally plus one mask block: first token and first drafts in one forward."""
         dec, n = self.dec, self.num_prompt
         boot = BootstrapLayout(n, dec.layout.block_len)
+        if not dec.draft_at_prefill:
+            self.prefill_ar()
+            self.drafts = torch.full((dec.layout.num_drafts,), dec.mask_id, device=dec.device)
+            return
         if boot.num_tokens > dec.max_len:  # no room for a mask block: plain prefill
             return self.prefill_ar()
         ids = self.tokens + [dec.mask_id] * dec.layout.block_len

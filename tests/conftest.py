@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random TiDAR checkpoint and the committed demo checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vllm_tidar.checkpoint import TidarSettings
+
+DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests (run in CI, skip locally with -m 'not slow')")
+
+
+def tiny_llama(vocab: int = 96, seed: int = 0, dtype=torch.float64, **overrides) -> LlamaForCausalLM:
+    """A random 2-layer Llama; float64 so argmax ties cannot flip between batchings."""
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, settings): mask token is the last id."""
+    model = tiny_llama()
+    return model, TidarSettings(block_length=4, mask_token_id=model.config.vocab_size - 1)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from vllm_tidar.checkpoint import load_tidar
+
+    return load_tidar(DEMO)

@@ -1,0 +1,142 @@
+"""Shared helpers for the vLLM plugin tests: a tiny TiDAR checkpoint, built once and cached."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CACHE = Path(os.environ.get("TIDAR_TEST_CACHE", "/tmp/vllm_tidar_test_cache"))
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
+
+
+def tiny_checkpoint(block_length: int = 4, seed: int = 0, family: str = "llama", beta: float = 1.0) -> Path:
+    """A random-init 2-layer TiDAR checkpoint (vocab 8192, mask id 1, eos 0) of a family."""
+    tag = f"tiny_bl{block_length}_s{seed}" + ("" if family == "llama" else f"_{family}") + ("" if beta == 1.0 else f"_b{beta}")
+    out = CACHE / tag
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from vllm_tidar.checkpoint import TidarSettings, save_tidar
+    from vllm_tidar.demo_base import build_base
+
+    base = CACHE / "base"
+    if not (base / "config.json").is_file():
+        build_base(base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(TINY)
+    keep = ("vocab_size", "eos_token_id", "pad_token_id", "bos_token_id", "max_position_embeddings",
+            "tie_word_embeddings", "rms_norm_eps", *TINY)
+    cfg = {k: v for k, v in cfg.items() if k in keep}
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    if family == "qwen3":
+        cfg["head_dim"] = 64
+    config = getattr(transformers, f"{name}Config")(**cfg)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
+    # larger init than HF's 0.02 so argmax margins are not razor thin (greedy parity)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    tok = AutoTokenizer.from_pretrained(base)
+    tmp = out.with_name(out.name + ".tmp")
+    save_tidar(model, tok, TidarSettings(block_length=block_length, mask_token_id=1, beta=beta), tmp)
+    fix_architectures(tmp)
+    tmp.rename(out)
+    return out
+
+
+def demo_checkpoint() -> Path | None:
+    """The trained demo checkpoint if present (not required)."""
+    return DEMO if (DEMO / "config.json").is_file() else None
+
+
+def fix_architectures(path: Path) -> None:
+    """transformers 5.19's save_pretrained writes the class name into ``architectures``,
+    overwriting the TiDAR architecture ``save_tidar`` set: put it back."""
+    from vllm_tidar.checkpoint import ARCHITECTURES
+
+    f = Path(path) / "config.json"
+    cfg = json.loads(f.read_text())
+    arch = ARCHITECTURES[cfg["model_type"]]
+    if cfg.get("architectures") != [arch]:
+        cfg["architectures"] = [arch]
+        f.write_text(json.dumps(cfg, indent=2))
+
+
+# --- vLLM engines (in-process, one at a time) ---------------------------------------------
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+MAX_MODEL_LEN = 512
+
+
+def make_llm(model, **kwargs):
+    """A small in-process vLLM engine for tests (CPU, eager, fp32)."""
+    os.environ.update(ENGINE_ENV)
+    from vllm import LLM
+
+    args = dict(
+        model=str(model),
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        dtype="float32",
+        seed=0,
+        disable_log_stats=False,
+    )
+    args.update(kwargs)
+    return LLM(**args)
+
+
+def close_llm(llm) -> None:
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
+
+
+def runner_model(llm):
+    """The model object inside an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner.model
+
+
+def prompt_set(tokenizer_path, n: int, seed: int = 0, min_len: int = 3, max_len: int = 60) -> list[list[int]]:
+    """``n`` prompts of varied length cut from a stdlib source file, as token ids."""
+    import random
+    import textwrap as _tw
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    ids = tok(Path(_tw.__file__).read_text())["input_ids"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        start = rng.randrange(0, len(ids) - length)
+        out.append([t if t != 1 else 2 for t in ids[start : start + length]])
+    return out
+
+
+def runner(llm):
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def generate(llm, prompts, sampling):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)

@@ -1,0 +1,97 @@
+"""Config-time logic: turn TiDAR on from the checkpoint, ``method="tidar"`` sugar, and
+one-line errors for settings TiDAR cannot serve. Imported by the
+``spec_config_tidar`` patch and registered in vLLM's ``MODELS_CONFIG_MAP``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..checkpoint import TidarSettings
+from ..errors import TidarError
+from ..layout import DecodeLayout
+from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, layout_from_num_spec, num_speculative_tokens
+
+logger = logging.getLogger(__name__)
+
+
+def _is_tidar_arch(model_config) -> bool:
+    archs = getattr(model_config.hf_config, "architectures", None) or []
+    return any(a in MODEL_CLASSES for a in archs)
+
+
+def tidar_speculative_config(spec: dict | None, model_config) -> dict | None:
+    """Rewrite the user's ``speculative_config`` dict for a TiDAR target (see the patch)."""
+    hf_config, name = model_config.hf_config, model_config.model
+    is_tidar = _is_tidar_arch(model_config)
+    method = spec.get("method") if isinstance(spec, dict) else None
+    if method == "tidar":
+        if not is_tidar:
+            archs = getattr(hf_config, "architectures", None)
+            raise TidarError(
+                f"speculative method 'tidar' needs a TiDAR checkpoint, but {name} has architectures {archs} "
+                "(no 'tidar' section / TiDAR*ForCausalLM architecture in config.json)"
+            )
+        settings = TidarSettings.from_hf_config(hf_config, source=name)
+        rest = {k: v for k, v in spec.items() if k not in ("method", "num_speculative_tokens", "model")}
+        k = spec.get("num_speculative_tokens")
+        return {**rest, **tidar_spec_dict(settings, k, name)}
+    if spec is None and is_tidar:
+        if getattr(hf_config, "tidar_mode", None) == "ar":
+            logger.info("TiDAR checkpoint %s served as plain AR (tidar_mode='ar')", name)
+            return None
+        settings = TidarSettings.from_hf_config(hf_config, source=name)
+        return tidar_spec_dict(settings, None, name)
+    if isinstance(spec, dict) and spec.get("model") == PROPOSER_PATH:
+        if not is_tidar:
+            raise TidarError(f"the TiDAR proposer needs a TiDAR checkpoint, but {name} is not one")
+        settings = TidarSettings.from_hf_config(hf_config, source=name)
+        layout_from_num_spec(int(spec.get("num_speculative_tokens", 0)), settings.block_length)
+    return spec
+
+
+def tidar_spec_dict(settings: TidarSettings, num_drafts, name: str = "checkpoint") -> dict:
+    bl = settings.block_length
+    k = bl - 1 if num_drafts is None else num_drafts
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bl - 1:
+        raise TidarError(
+            f"TiDAR num_speculative_tokens (drafts per step) must be between 1 and {bl - 1} for {name} "
+            f"(block length {bl}), got {k!r}"
+        )
+    layout = DecodeLayout(bl, k)
+    return {"method": "custom_class", "model": PROPOSER_PATH, "num_speculative_tokens": num_speculative_tokens(layout)}
+
+
+class TiDARConfigHook:
+    """``MODELS_CONFIG_MAP`` entry for the TiDAR architectures (front-end process)."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        spec = vllm_config.speculative_config
+        if not is_tidar_proposer(spec):
+            return
+        settings = TidarSettings.from_hf_config(vllm_config.model_config.hf_config, source=vllm_config.model_config.model)
+        layout = layout_from_num_spec(spec.num_speculative_tokens, settings.block_length)
+        sched = vllm_config.scheduler_config
+        big_l = layout.num_tokens
+        budget = sched.max_num_batched_tokens
+        if budget is not None and budget < big_l:
+            raise TidarError(
+                f"max_num_batched_tokens={budget} is smaller than one TiDAR step of {big_l} tokens "
+                f"(block length {layout.block_len}, K={layout.num_drafts}); raise it to at least {big_l} "
+                "or use fewer drafts"
+            )
+        if budget is not None and budget < sched.max_num_seqs * big_l:
+            logger.warning(
+                "TiDAR: max_num_batched_tokens=%d < max_num_seqs (%d) x %d tokens per step: "
+                "under load some steps run without drafts",
+                budget,
+                sched.max_num_seqs,
+                big_l,
+            )
+        if getattr(spec, "num_speculative_tokens_per_batch_size", None):
+            spec.num_speculative_tokens_per_batch_size = None
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return

@@ -1,0 +1,182 @@
+"""TiDAR model classes for vLLM: vLLM's own Llama / Qwen2 / Qwen3 (layers and weight
+loaders unchanged) plus what a TiDAR step needs.
+
+A full TiDAR step for a request is ``L = layout.num_tokens`` scheduled tokens
+``[x_last, d1..dK, MASK * (K+1)*block_len]`` while decoding (the proposer hands the
+mask slots to vLLM as extra draft tokens). For such requests the model
+
+* remaps RoPE positions: vLLM gives ``P..P+L-1``; rows get ``P + layout.position_offsets``
+  (the KV slot of each row stays vLLM's, so rollback of rejected rows is untouched);
+* marks the request in the attention metadata so ``TiDARCPUBackend`` applies the
+  layout's template instead of a causal mask;
+* in ``compute_logits`` (optionally mixes the bonus-mask logits in with ``beta``),
+  sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted, and
+  stashes the argmax of every mask row: the proposer picks the block that matches
+  the number of accepted drafts (no second model pass).
+
+Prefills, partial prefills and degraded steps (fewer than L tokens scheduled, e.g.
+near max_model_len or under token-budget pressure) run plain causal attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from ..checkpoint import TidarSettings
+from ..layout import StepMask
+from .attention import TiDARCPUBackend, TiDARCPUMetadata
+from .common import is_tidar_proposer, layout_from_num_spec
+
+logger = init_logger(__name__)
+
+
+class _TiDARMixin:
+    """Adds TiDAR steps to a vLLM causal LM. Call ``_tidar_setup`` after ``__init__``."""
+
+    def _tidar_setup(self, vllm_config) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        self.tidar_settings = TidarSettings.from_hf_config(hf_config, source=vllm_config.model_config.model)
+        self.tidar_mask_id = self.tidar_settings.mask_token_id
+        spec = vllm_config.speculative_config
+        self.tidar_layout = None
+        if is_tidar_proposer(spec):
+            self.tidar_layout = layout_from_num_spec(spec.num_speculative_tokens, self.tidar_settings.block_length)
+            max_len = vllm_config.model_config.max_model_len
+            self._tidar_step_mask = StepMask(self.tidar_layout, max_len)
+            self._tidar_offsets = self.tidar_layout.position_offsets.clone()
+        # every attention layer runs through the TiDAR CPU backend (plain AR mode too,
+        # so both modes share one attention implementation)
+        n = 0
+        for module in self.modules():
+            if isinstance(module, Attention):
+                impl = module.impl
+                module.attn_backend = TiDARCPUBackend
+                module.impl = TiDARCPUBackend.get_impl_cls()(
+                    impl.num_heads,
+                    impl.head_size,
+                    impl.scale,
+                    impl.num_kv_heads,
+                    None,
+                    None,
+                    module.kv_cache_dtype,
+                    None,
+                    module.attn_type,
+                    getattr(module, "kv_sharing_target_layer_name", None),
+                )
+                n += 1
+        self._tidar_last = None  # (query_start_loc, tidar flags, prefilling flags) of the last forward
+        self._tidar_drafts: dict[int, torch.Tensor] | None = None
+        logger.info(
+            "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on the TiDAR CPU backend)",
+            self.tidar_settings.block_length,
+            self.tidar_mask_id,
+            f"K={self.tidar_layout.num_drafts} L={self.tidar_layout.num_tokens}" if self.tidar_layout else "plain AR",
+            n,
+        )
+
+    # --- forward -------------------------------------------------------------------------
+    def _tidar_prepare(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._tidar_last = None
+        if input_ids is None or not is_forward_context_available():
+            return positions
+        md_all = get_forward_context().attn_metadata
+        if isinstance(md_all, list):
+            md_all = md_all[0] if md_all else None
+        if not md_all:
+            return positions
+        mds = {id(m): m for m in md_all.values() if isinstance(m, TiDARCPUMetadata)}
+        if not mds:
+            return positions
+        md = next(iter(mds.values()))
+        layout = self.tidar_layout
+        flags = [False] * md.num_reqs
+        if layout is not None:
+            big_l, first_mask = layout.num_tokens, layout.num_verify
+            qsl = md.query_start_loc
+            new_pos = None
+            for i in range(md.num_reqs):
+                s, e = qsl[i], qsl[i + 1]
+                if e - s != big_l or md.is_prefilling[i]:
+                    continue
+                if not bool((input_ids[s + first_mask : e] == self.tidar_mask_id).all()):
+                    continue
+                flags[i] = True
+                if new_pos is None:
+                    new_pos = positions.clone()
+                new_pos[s:e] = positions[s] + self._tidar_offsets
+            if new_pos is not None:
+                positions = new_pos
+        for m in mds.values():
+            m.tidar_step = flags
+            m.step_mask = self._tidar_step_mask if layout is not None else None
+        self._tidar_last = (md.query_start_loc, flags, md.is_prefilling)
+        return positions
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        positions = self._tidar_prepare(input_ids, positions)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    # --- logits --------------------------------------------------------------------------
+    def compute_logits(self, hidden_states: torch.Tensor):
+        logits = super().compute_logits(hidden_states)
+        if logits is None:
+            return logits
+        layout, last = self.tidar_layout, self._tidar_last
+        self._tidar_last = None
+        drafts: dict[int, torch.Tensor] = {}
+        if layout is not None and last is not None:
+            qsl, flags, prefilling = last
+            # logits rows per request: every scheduled row for a request that was given
+            # drafts (TiDAR or degraded decode step), one row otherwise
+            counts = []
+            for i, is_tidar in enumerate(flags):
+                q = qsl[i + 1] - qsl[i]
+                counts.append(q if is_tidar or (not prefilling[i] and q > 1) else 1)
+            if sum(counts) == logits.shape[0]:
+                beta = self.tidar_settings.beta
+                off = 0
+                for i, q in enumerate(counts):
+                    if flags[i]:
+                        rows = logits[off : off + q]
+                        if beta != 1.0:
+                            bonus = torch.tensor([layout.bonus_mask_row(a) for a in range(layout.num_verify)])
+                            rows[: layout.num_verify] = beta * rows[: layout.num_verify] + (1.0 - beta) * rows[bonus]
+                        masks = rows[layout.num_verify :]
+                        masks[:, self.tidar_mask_id] = -torch.inf
+                        drafts[i] = masks.argmax(-1)
+                    off += q
+            else:  # e.g. a preempted request recomputing its output: skip drafting once
+                logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
+        logits[:, self.tidar_mask_id] = -torch.inf
+        self._tidar_drafts = drafts
+        return logits
+
+    def take_tidar_drafts(self) -> dict[int, torch.Tensor]:
+        """Argmax of the mask rows of the last step's full TiDAR requests, by batch row."""
+        d, self._tidar_drafts = self._tidar_drafts, None
+        return d or {}
+
+
+class TiDARLlamaForCausalLM(_TiDARMixin, LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._tidar_setup(vllm_config)
+
+
+class TiDARQwen2ForCausalLM(_TiDARMixin, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._tidar_setup(vllm_config)
+
+
+class TiDARQwen3ForCausalLM(_TiDARMixin, Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._tidar_setup(vllm_config)
