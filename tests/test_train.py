@@ -1,0 +1,91 @@
+"""The AR -> TiDAR trainer on a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_tidar.checkpoint import load_tidar
+from vllm_tidar.layout import TrainingLayout
+from vllm_tidar.reference import ReferenceDecoder
+from vllm_tidar.train import TrainConfig, lr_at, tidar_loss, train
+
+from conftest import DEMO
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random AR Llama with the demo tokenizer (no mask token: the trainer adds it)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tokenizers import Tokenizer
+
+    out = tmp_path_factory.mktemp("base")
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    tok.save_pretrained(out)
+    # drop the mask token from the copied vocabulary so the trainer must add it
+    raw = json.loads((out / "tokenizer.json").read_text())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<|mask|>"]
+    (out / "tokenizer.json").write_text(json.dumps(raw))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("extra_special_tokens", None)
+    cfg.pop("additional_special_tokens", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, eos_token_id=0, bos_token_id=None))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    src = Path(torch.__file__).parent / "nn" / "modules"
+    for p in sorted(src.glob("*.py"))[:6]:
+        (d / p.name).write_text(p.read_text())
+    return d
+
+
+def test_training_lowers_both_losses_and_saves_a_tidar_checkpoint(base, data, tmp_path):
+    out = tmp_path / "tidar"
+    cfg = TrainConfig(base=str(base), data=str(data), out=str(out), block_lengths=(4,), seq_len=64,
+                      batch_size=4, steps=30, lr=3e-3, min_lr=3e-4, warmup=0.1, save_every=15)
+    model0, tok0, mask_id = __import__("vllm_tidar.train", fromlist=["_load"])._load(cfg)
+    rows = __import__("vllm_tidar.data", fromlist=["pack"]).pack(
+        __import__("vllm_tidar.data", fromlist=["read_texts"]).read_texts(data), tok0, 64)[:8]
+    layout = TrainingLayout(64, 4)
+    with torch.no_grad():
+        _, ar0, diff0 = tidar_loss(model0, rows, layout, mask_id, 1.0)
+    train(cfg, progress=False)
+    model, tok, settings = load_tidar(out)
+    with torch.no_grad():
+        _, ar1, diff1 = tidar_loss(model, rows, layout, settings.mask_token_id, 1.0)
+    assert ar1 < ar0 - 0.5 and diff1 < diff0 - 0.5
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["architectures"] == ["TiDARLlamaForCausalLM"] and raw["tidar"]["block_length"] == 4
+    assert tok.convert_ids_to_tokens(settings.mask_token_id) == "<|mask|>"
+    dec = ReferenceDecoder(model, settings)
+    ids = tok("def forward(self", add_special_tokens=False)["input_ids"]
+    res = dec.generate(ids, 20)
+    assert res.token_ids == dec.generate(ids, 20, mode="ar").token_ids and len(res.token_ids) == 20
+
+
+def test_resume_continues_from_saved_step(base, data, tmp_path):
+    out = tmp_path / "tidar"
+    common = dict(base=str(base), data=str(data), out=str(out), block_lengths=(4,), seq_len=64,
+                  batch_size=2, lr=1e-3, save_every=3)
+    train(TrainConfig(**common, steps=3), progress=False)
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3
+    train(TrainConfig(**common, steps=6, resume=True), progress=False)
+    assert torch.load(out / "trainer_state.pt", weights_only=False)["step"] == 6
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(base="", data="", out="", steps=100, lr=1.0, min_lr=0.1, warmup=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(10, cfg) > lr_at(50, cfg) > lr_at(90, cfg)
