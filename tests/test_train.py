@@ -9,7 +9,8 @@ import torch
 from vllm_tidar.checkpoint import load_tidar
 from vllm_tidar.layout import TrainingLayout
 from vllm_tidar.reference import ReferenceDecoder
-from vllm_tidar.train import TrainConfig, lr_at, tidar_loss, train
+from vllm_tidar.data import pack, read_texts
+from vllm_tidar.train import TrainConfig, _load, lr_at, tidar_loss, train
 
 from conftest import DEMO
 
@@ -18,7 +19,6 @@ from conftest import DEMO
 def base(tmp_path_factory):
     """A tiny random AR Llama with the demo tokenizer (no mask token: the trainer adds it)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from tokenizers import Tokenizer
 
     out = tmp_path_factory.mktemp("base")
     tok = AutoTokenizer.from_pretrained(DEMO)
@@ -52,9 +52,8 @@ def test_training_lowers_both_losses_and_saves_a_tidar_checkpoint(base, data, tm
     out = tmp_path / "tidar"
     cfg = TrainConfig(base=str(base), data=str(data), out=str(out), block_lengths=(4,), seq_len=64,
                       batch_size=4, steps=30, lr=3e-3, min_lr=3e-4, warmup=0.1, save_every=15)
-    model0, tok0, mask_id = __import__("vllm_tidar.train", fromlist=["_load"])._load(cfg)
-    rows = __import__("vllm_tidar.data", fromlist=["pack"]).pack(
-        __import__("vllm_tidar.data", fromlist=["read_texts"]).read_texts(data), tok0, 64)[:8]
+    model0, tok0, mask_id = _load(cfg)
+    rows = pack(read_texts(data), tok0, 64)[:8]
     layout = TrainingLayout(64, 4)
     with torch.no_grad():
         _, ar0, diff0 = tidar_loss(model0, rows, layout, mask_id, 1.0)

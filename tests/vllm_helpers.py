@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from vllm_tidar.plugin.common import close_llm  # noqa: F401  (re-exported for the tests)
+
 CACHE = Path(os.environ.get("TIDAR_TEST_CACHE", "/tmp/vllm_tidar_test_cache"))
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
@@ -89,20 +91,6 @@ def make_llm(model, **kwargs):
     )
     args.update(kwargs)
     return LLM(**args)
-
-
-def close_llm(llm) -> None:
-    import gc
-
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    cleanup_dist_env_and_memory()
 
 
 def runner_model(llm):

@@ -10,7 +10,6 @@ tokens/s, tokens per forward and whether the outputs are identical.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import time
@@ -18,7 +17,7 @@ import time
 
 def _run(ckpt, prompts, max_tokens, dtype, max_model_len, tidar: bool, overrides: dict):
     from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    from .common import close_llm
 
     hf = dict(overrides)
     if not tidar:
@@ -46,13 +45,7 @@ def _run(ckpt, prompts, max_tokens, dtype, max_model_len, tidar: bool, overrides
         tokens += len(ids)
         m = o.outputs[0].spec_decode_metrics
         forwards += 1 + (len(m.per_step_accepted) if m is not None else len(ids) - 1)
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
+    close_llm(llm)
     return outs, {"tokens_per_s": tokens / elapsed, "tokens_per_forward": tokens / forwards, "tokens": tokens}
 
 

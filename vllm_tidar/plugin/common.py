@@ -43,3 +43,18 @@ def is_tidar_proposer(spec_config) -> bool:
         and getattr(spec_config, "method", None) == "custom_class"
         and getattr(spec_config, "model", None) == PROPOSER_PATH
     )
+
+
+def close_llm(llm) -> None:
+    """Shut an in-process ``vllm.LLM`` down and free its distributed state."""
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
