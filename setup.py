@@ -8,7 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_tidar", "vllm_tidar.*"]),
+    # patches/ and benchmarks/ live at the top level of the repository and install as
+    # vllm_tidar.patches and vllm_tidar.benchmarks (editable and regular installs alike)
+    packages=find_packages(include=["vllm_tidar", "vllm_tidar.*"]) + ["vllm_tidar.patches", "vllm_tidar.benchmarks"],
+    package_dir={"vllm_tidar.patches": "patches", "vllm_tidar.benchmarks": "benchmarks"},
     package_data={"vllm_tidar": ["checkpoints/*/*"]},
     install_requires=[
         "torch==2.13.0",

@@ -1,4 +1,5 @@
-"""``vllm-tidar`` command line: demo, train, build-demo, tokens-per-forward."""
+"""``vllm-tidar`` command line: demo, train, build-demo, tokens-per-forward, and the
+benchmarks in ``benchmarks/`` (bench, profile, quality; each parses its own options)."""
 
 from __future__ import annotations
 
@@ -132,10 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=int, default=None, help="first N prompts (default all 164)")
     m.add_argument("--check-ar", action="store_true", help="also decode as AR and count identical outputs")
     m.set_defaults(fn=cmd_tpf)
+    for name, text in BENCHMARK_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     return p
 
 
+# subcommands implemented in benchmarks/ (installed as vllm_tidar.benchmarks): each module
+# has ``main(argv) -> int`` with its own argparse parser
+BENCHMARK_COMMANDS = {
+    "bench": "A/B tokens/s of plain AR, TiDAR, EAGLE-3 and n-gram in vLLM",
+    "profile": "free-token-slot profiler: forward latency vs query tokens per request",
+    "quality": "HumanEval pass@1 of plain AR and TiDAR (beta = 1 and < 1)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in BENCHMARK_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"vllm_tidar.benchmarks.{argv[0]}")
+        try:
+            return module.main(argv[1:])
+        except TidarError as e:
+            print(f"vllm-tidar {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

@@ -1,0 +1,1 @@
+"""Benchmarks, installed as ``vllm_tidar.benchmarks`` (run through ``vllm-tidar``)."""
