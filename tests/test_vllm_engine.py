@@ -91,11 +91,11 @@ def test_tidar_enabled_from_checkpoint(tidar_llm):
 def test_greedy_parity_with_ar_32_prompts(tidar_llm, prompts, ar_results):
     out = generate(tidar_llm, prompts, _greedy())
     assert token_ids(out) == ar_results["prompts"]
-    # every decode step was a (verified) speculative step
+    # after the all-MASK first decode step (not a spec step), every step verified K drafts
     for o in out:
         m = o.outputs[0].spec_decode_metrics
-        assert m is not None and set(m.per_step_drafted) == {19}
-        assert 1 + sum(a + 1 for a in m.per_step_accepted) >= MAX_TOKENS
+        assert m is not None and set(m.per_step_drafted) == {3}
+        assert 2 + sum(a + 1 for a in m.per_step_accepted) >= MAX_TOKENS
 
 
 def test_greedy_parity_batch_of_8_lengths(tidar_llm, batch8, ar_results):
@@ -117,9 +117,9 @@ def test_matches_reference_decoder(tidar_llm, ckpt, prompts):
         ref = dec.generate(p, REF_TOKENS, mode="tidar")
         m = o.outputs[0].spec_decode_metrics
         assert list(o.outputs[0].token_ids) == ref.token_ids
-        vllm_forwards = 1 + len(m.per_step_accepted)  # prefill + verify steps
+        vllm_forwards = 2 + len(m.per_step_accepted)  # prefill + all-MASK step + drafting steps
         assert vllm_forwards == ref.num_forwards
-        assert m.per_step_accepted == ref.accepted_drafts
+        assert ref.accepted_drafts[0] == 0 and m.per_step_accepted == ref.accepted_drafts[1:]
         seen_a.update(m.per_step_accepted)
     # even the random tiny model falls into loops where drafts get accepted: every
     # acceptance count (so every mask block) is exercised

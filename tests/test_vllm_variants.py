@@ -40,5 +40,5 @@ def test_family_matches_reference(family, beta, arch):
         ref = dec.generate(p, MAX_TOKENS, mode="tidar")
         m = o.outputs[0].spec_decode_metrics
         assert list(o.outputs[0].token_ids) == ref.token_ids
-        assert 1 + len(m.per_step_accepted) == ref.num_forwards
-        assert m.per_step_accepted == ref.accepted_drafts
+        assert 2 + len(m.per_step_accepted) == ref.num_forwards  # prefill + all-MASK step + drafting steps
+        assert ref.accepted_drafts[0] == 0 and m.per_step_accepted == ref.accepted_drafts[1:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout
 
@@ -43,6 +44,15 @@ def is_tidar_proposer(spec_config) -> bool:
         and getattr(spec_config, "method", None) == "custom_class"
         and getattr(spec_config, "model", None) == PROPOSER_PATH
     )
+
+
+def tidar_drafts_and_mask(spec_config, hf_config) -> tuple[int, int] | None:
+    """``(K, mask_token_id)`` when ``spec_config`` runs the TiDAR proposer, else ``None``."""
+    if not is_tidar_proposer(spec_config):
+        return None
+    settings = TidarSettings.from_hf_config(hf_config)
+    layout = layout_from_num_spec(spec_config.num_speculative_tokens, settings.block_length)
+    return layout.num_drafts, settings.mask_token_id
 
 
 def close_llm(llm) -> None:
