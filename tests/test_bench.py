@@ -1,0 +1,192 @@
+"""``vllm-tidar bench``: the accounting on hand-made inputs, input errors, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_tidar.benchmarks import bench
+from vllm_tidar.benchmarks import bench_stats as st
+from vllm_tidar.cli import main as cli_main
+from vllm_tidar.errors import TidarError
+
+
+# --- accounting ------------------------------------------------------------------------------
+def test_percentile_linear_interpolation():
+    assert st.percentile([4, 1, 3, 2], 50) == pytest.approx(2.5)
+    assert st.percentile([1, 2, 3, 4], 95) == pytest.approx(3.85)
+    assert st.percentile([1, 2, 3, 4], 0) == 1 and st.percentile([1, 2, 3, 4], 100) == 4
+    assert st.percentile([7.0], 95) == 7.0
+    assert st.percentile([], 50) is None
+    with pytest.raises(ValueError):
+        st.percentile([1], 101)
+
+
+def test_tokens_per_s_and_tpot():
+    assert st.tokens_per_s(256, 2.0) == 128.0
+    with pytest.raises(ValueError):
+        st.tokens_per_s(10, 0.0)
+    assert st.request_tpot(10.0, 10.7, 8) == pytest.approx(0.1)
+    assert st.request_tpot(10.0, 10.0, 1) is None
+
+
+def test_forwards_per_request():
+    assert st.request_forwards(8) == 8  # plain AR: prefill + 7 decode steps
+    assert st.request_forwards(0) == 0
+    # 3 verify steps yield 3 + 1 + 4 = 8 tokens >= the 7 after prefill: the last one was trimmed
+    assert st.request_forwards(8, [2, 0, 3]) == 4
+    # 2 verify steps yield 4 tokens, 5 more come from draft-less steps (e.g. n-gram found nothing)
+    assert st.request_forwards(10, [1, 1]) == 1 + 2 + 5
+    assert st.tokens_per_forward(10, 8) == 1.25
+    assert st.tokens_per_forward(0, 0) is None
+
+
+def test_acceptance_per_position_and_histogram():
+    accepted = [[2, 0, 3], [1]]
+    assert st.acceptance_per_position(accepted, 3) == pytest.approx([3 / 4, 2 / 4, 1 / 4])
+    # TiDAR's mask slots counted as drafts (43 = 3 + 4*10) change nothing: only the first K count
+    assert st.acceptance_per_position(accepted, 3, [[43, 43, 43], [43]]) == pytest.approx([3 / 4, 2 / 4, 1 / 4])
+    # steps that drafted fewer tokens only count for the positions they drafted
+    assert st.acceptance_per_position(accepted, 3, [[3, 1, 3], [2]]) == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    assert st.acceptance_per_position([[]], 2) == [None, None]
+    assert st.acceptance_histogram(accepted, 3) == [1, 1, 1, 1]
+    assert st.mean_acceptance_length(accepted) == pytest.approx(2.5)
+    assert st.mean_acceptance_length([[], []]) is None
+
+
+def _req(n, first, last, ttft, accepted=(), drafted=None):
+    return {
+        "num_tokens": n, "first_token_ts": first, "last_token_ts": last, "ttft": ttft,
+        "per_step_accepted": list(accepted), "per_step_drafted": list(drafted or [3] * len(accepted)),
+    }
+
+
+def test_summarize_row():
+    reqs = [_req(8, 1.0, 1.7, 0.05, [2, 0, 3]), _req(8, 2.0, 3.4, 0.15, [1, 1, 1, 0, 0])]
+    row = st.summarize(reqs, seconds=2.0, k=3)
+    assert row["tokens"] == 16 and row["requests"] == 2
+    assert row["tokens_per_s"] == 8.0
+    assert row["tpot_p50_ms"] == pytest.approx(150.0)  # per-request TPOTs 100 and 200 ms
+    assert row["tpot_p95_ms"] == pytest.approx(195.0)
+    assert row["ttft_mean_ms"] == pytest.approx(100.0) and row["ttft_p50_ms"] == pytest.approx(100.0)
+    # request 1: 4 forwards; request 2: 5 verify steps yield 8 tokens >= 7 -> 6 forwards
+    assert row["forwards"] == 10 and row["tokens_per_forward"] == pytest.approx(1.6)
+    assert row["verify_steps"] == 8
+    assert row["mean_acceptance_length"] == pytest.approx(1 + 8 / 8)
+    assert row["acceptance_per_position"] == pytest.approx([5 / 8, 2 / 8, 1 / 8])
+    assert row["acceptance_histogram"] == [3, 3, 1, 1]
+    ar = st.summarize([_req(8, 0.0, 0.7, 0.1)], seconds=1.0)
+    assert ar["tokens_per_forward"] == 1.0 and ar["acceptance_per_position"] == [] and ar["mean_acceptance_length"] is None
+
+
+def test_rows_speedup_and_identity():
+    methods = [
+        bench.Method("ar", "AR", "ar", baseline=""),
+        bench.Method("tidar-k3", "TiDAR K=3", "tidar", k=3),
+    ]
+    ar_recs = [dict(_req(4, 0.0, 0.3, 0.1), token_ids=[1, 2, 3, 4]), dict(_req(4, 0.0, 0.3, 0.1), token_ids=[5, 6, 7, 8])]
+    td_recs = [dict(_req(4, 0.0, 0.1, 0.1, [2]), token_ids=[1, 2, 3, 4]), dict(_req(4, 0.0, 0.1, 0.1, [2]), token_ids=[5, 6, 7, 9])]
+    results = {
+        "ar": {"runs": {1: {"records": ar_recs, "seconds": 2.0}}},
+        "tidar-k3": {"runs": {1: {"records": td_recs, "seconds": 1.0}}},
+    }
+    rows = bench.make_rows(methods, results)
+    assert [r["method"] for r in rows] == ["ar", "tidar-k3"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["identical"] is None
+    assert rows[1]["speedup"] == pytest.approx(2.0) and rows[1]["identical"] == 1
+    assert rows[1]["tokens_per_forward"] == pytest.approx(4 / 2)
+    assert st.identical_count([[1], [2]], [[1], [3]]) == 1
+
+
+# --- inputs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
+        ('{"text": "a"}\n', 'line 1 has no string "prompt" field'),
+        ("\n\n", "no prompts in the file"),
+    ],
+)
+def test_bad_prompts_file_is_one_line(tmp_path, capsys, content, message):
+    f = tmp_path / "p.jsonl"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(TidarError, match=message):
+        bench.load_prompts(str(f), 4)
+    assert cli_main(["bench", "--prompts", str(f), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vllm-tidar bench: error: --prompts") and message in err and "\n" not in err
+
+
+def test_prompts_file_and_humaneval(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "def f():"}\n\n{"prompt": "x = 1", "id": 3}\n')
+    assert bench.load_prompts(str(f), 8) == (["def f():", "x = 1"], "p.jsonl")
+    texts, source = bench.load_prompts(None, 3)
+    assert source == "HumanEval" and len(texts) == 3 and texts[0].startswith("from typing import List")
+
+
+def test_bad_tidar_k_and_methods(tmp_path, capsys):
+    assert cli_main(["bench", "--tidar-k", "8", "--out", str(tmp_path)]) == 2
+    assert "K must be in 1..7" in capsys.readouterr().err
+    assert cli_main(["bench", "--methods", "ar,medusa", "--out", str(tmp_path)]) == 2
+    assert "unknown medusa" in capsys.readouterr().err
+
+
+def test_default_methods_on_demo(tmp_path):
+    args = bench.build_parser().parse_args(["--eagle3", str(tmp_path / "missing")])
+    info = bench.checkpoint_info(bench.DEMO)
+    methods, notes = bench.build_methods(args, info, bench.DEMO)
+    assert [m.name for m in methods] == ["ar", "tidar-k7", "tidar-k3", "ar-llama", "ngram"]
+    assert [m.num_spec for m in methods if m.kind == "tidar"] == [7 + 8 * 8, 3 + 4 * 8]
+    assert {m.baseline for m in methods if m.kind == "tidar"} == {"ar"}
+    assert next(m for m in methods if m.name == "ngram").baseline == "ar-llama"
+    assert any("EAGLE-3 skipped" in n for n in notes)
+    args = bench.build_parser().parse_args(["--tidar-k", "all", "--methods", "tidar"])
+    methods, _ = bench.build_methods(args, info, bench.DEMO)
+    assert [m.k for m in methods] == [7, 6, 5, 4, 3, 2, 1]
+
+
+# --- end to end ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_end_to_end_tiny(tmp_path, capsys):
+    from vllm_helpers import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(block_length=4)
+    out = tmp_path / "out"
+    rc = cli_main([
+        "bench", "--checkpoint", str(ckpt), "--num-prompts", "2", "--max-tokens", "6", "--batch-sizes", "1,2",
+        "--methods", "ar,tidar,eagle3,ngram", "--tidar-k", "3", "--out", str(out),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for name in ("results.md", "results.json", "speedup.png", "acceptance.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    md = (out / "results.md").read_text()
+    assert md in printed and "| TiDAR K=3 | 2 |" in md and "EAGLE-3 skipped" in md
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [
+        (m, b) for m in ("ar", "tidar-k3", "ngram") for b in (1, 2)
+    ]
+    for r in rows:
+        assert r["requests"] == 2 and r["tokens"] == 2 * 6
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["tpot_p50_ms"] <= r["tpot_p95_ms"]
+        assert 1.0 <= r["tokens_per_forward"] <= 1 + r["k"]
+        assert r["forwards"] <= r["tokens"]
+        rates = [a for a in r["acceptance_per_position"] if a is not None]
+        assert all(0 <= a <= 1 for a in rates) and rates == sorted(rates, reverse=True)
+        if r["method"] == "ar":
+            assert r["speedup"] == 1.0 and r["tokens_per_forward"] == 1.0
+        else:
+            ar = next(x for x in rows if x["method"] == "ar" and x["batch_size"] == r["batch_size"])
+            assert r["speedup"] == pytest.approx(r["tokens_per_s"] / ar["tokens_per_s"])
+            assert r["identical"] == 2  # greedy speculative decoding reproduces AR
+    td = [r for r in rows if r["method"] == "tidar-k3"]
+    assert all(len(r["acceptance_per_position"]) == 3 and len(r["acceptance_histogram"]) == 4 for r in td)
+    assert all(sum(r["acceptance_histogram"]) == r["verify_steps"] > 0 for r in td)
+    per_req = data["requests"]["tidar-k3"]["1"]
+    assert len(per_req) == 2 and all(len(x["per_step_accepted"]) == len(x["per_step_drafted"]) for x in per_req)
