@@ -25,8 +25,9 @@ def tiny_llama(vocab: int = 96, seed: int = 0, dtype=torch.float64, **overrides)
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
+    cfg["attn_implementation"] = "sdpa"
     cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
     return model.to(dtype).eval()
 
 

@@ -83,10 +83,24 @@ def ensure_mask_token(model, tokenizer) -> int:
     return mask_id
 
 
-def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load (model, tokenizer, settings) from a TiDAR checkpoint folder, with clear errors."""
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex")
+
+
+def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", attention: str = "sdpa"):
+    """Load (model, tokenizer, settings) from a TiDAR checkpoint folder, with clear errors.
+
+    ``attention``: ``"sdpa"`` (dense bool masks) or ``"flex"`` (FlexAttention with
+    BlockMasks read from the same layout masks, see ``vllm_tidar.hf_flex``).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise TidarError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+    attn_implementation = "sdpa"
+    if attention == "flex":
+        from .hf_flex import register
+
+        attn_implementation = register()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise TidarError(f"{path} is not a checkpoint folder (no config.json)")
@@ -94,7 +108,7 @@ def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     check_family(config)
     settings = TidarSettings.from_hf_config(config, source=str(path))
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
     ).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -89,16 +89,23 @@ class ReferenceDecoder:
         self.device = next(model.parameters()).device
         self.step_mask = StepMask(self.layout, self.max_len, self.device)
         self._offsets = self.layout.position_offsets.to(self.device)
+        self._flex = getattr(model.config, "_attn_implementation", None) == "tidar_flex"
 
     # --- model call ----------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """Logits (T, V) in float32 for T new tokens; ``mask`` is (T, cached + T) bool."""
         ids = torch.as_tensor(ids, device=self.device).view(1, -1)
+        if self._flex:
+            from .hf_flex import block_mask
+
+            attn_mask = block_mask(mask)
+        else:
+            attn_mask = mask[None, None]
         out = self.model(
             input_ids=ids,
             position_ids=positions.view(1, -1),
-            attention_mask=mask[None, None],
+            attention_mask=attn_mask,
             past_key_values=cache,
             use_cache=True,
         )

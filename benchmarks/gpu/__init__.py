@@ -1,0 +1,1 @@
+"""Scripts for a GPU machine (torch + transformers, no vLLM needed)."""
