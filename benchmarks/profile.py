@@ -417,6 +417,8 @@ def time_hf(model, contexts, batch_sizes, query_tokens, repeats, warmup, device,
                           use_cache=True, logits_to_keep=1)
                     new_ids = torch.randint(0, vocab, (b, q), generator=gen).to(device)
                     fn, reset, mode = _hf_forward_fn(model, cache, new_ids, ctx, q, device, cuda_graph)
+                    if cuda_graph and mode != "cuda-graph":
+                        cuda_graph = False  # capture does not work for this model: eager from here on
                     for _ in range(warmup):
                         reset()
                         fn()
