@@ -72,6 +72,16 @@ class TiDARCPUMetadata:
     tidar_step: list[bool] = field(default_factory=list)
     step_mask: object | None = None  # vllm_tidar.layout.StepMask, set by the model
 
+    # the model's interface (same on TiDARFlexMetadata)
+    def tidar_batch(self) -> tuple[list[int], list[bool]]:
+        """(host query_start_loc, per-request is_prefilling) for step detection."""
+        return self.query_start_loc, self.is_prefilling
+
+    def set_tidar_steps(self, flags: list[bool], step_mask) -> None:
+        """Mark full TiDAR steps (one flag per request) and the ``StepMask`` to use."""
+        self.tidar_step = flags
+        self.step_mask = step_mask
+
 
 class TiDARCPUMetadataBuilder(AttentionMetadataBuilder[TiDARCPUMetadata]):
     reorder_batch_threshold = None

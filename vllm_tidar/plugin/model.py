@@ -7,8 +7,8 @@ mask slots to vLLM as extra draft tokens). For such requests the model
 
 * remaps RoPE positions: vLLM gives ``P..P+L-1``; rows get ``P + layout.position_offsets``
   (the KV slot of each row stays vLLM's, so rollback of rejected rows is untouched);
-* marks the request in the attention metadata so ``TiDARCPUBackend`` applies the
-  layout's template instead of a causal mask;
+* marks the request in the attention metadata (``set_tidar_steps``) so the TiDAR
+  attention backend applies the layout's template instead of a causal mask;
 * in ``compute_logits`` (optionally mixes the bonus-mask logits in with ``beta``),
   sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted, and
   stashes the argmax of every mask row: the proposer picks the block that matches
@@ -28,13 +28,35 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from ..checkpoint import TidarSettings
 from ..layout import StepMask
-from .attention import TiDARCPUBackend, TiDARCPUMetadata
+from .attention import TiDARCPUBackend
 from .common import is_tidar_proposer, layout_from_num_spec
 
 logger = init_logger(__name__)
+
+
+def _tidar_attention_backend(device: torch.device):
+    """The attention backend every layer of a TiDAR model runs on.
+
+    CPU: ``TiDARCPUBackend`` (gather + SDPA). CUDA: ``TiDARFlexBackend`` (vLLM's
+    FlexAttention with the TiDAR mask_mod). ``VLLM_TIDAR_ATTENTION=flex`` forces the Flex
+    backend on CPU too (debugging: eager flex, pure-torch KV write, slow).
+    """
+    import os
+
+    choice = os.environ.get("VLLM_TIDAR_ATTENTION", "").strip().lower()
+    if choice not in ("", "cpu", "flex"):
+        raise ValueError(f"VLLM_TIDAR_ATTENTION must be 'cpu' or 'flex', got {choice!r}")
+    if device.type == "cuda" or choice == "flex":
+        from .flex_attention import TiDARFlexBackend
+
+        return TiDARFlexBackend
+    if device.type != "cpu":
+        raise NotImplementedError(f"TiDAR attention: no backend for device {device.type!r} (CPU and CUDA only)")
+    return TiDARCPUBackend
 
 
 class _TiDARMixin:
@@ -48,17 +70,23 @@ class _TiDARMixin:
         self.tidar_layout = None
         if is_tidar_proposer(spec):
             self.tidar_layout = layout_from_num_spec(spec.num_speculative_tokens, self.tidar_settings.block_length)
-            max_len = vllm_config.model_config.max_model_len
-            self._tidar_step_mask = StepMask(self.tidar_layout, max_len)
-            self._tidar_offsets = self.tidar_layout.position_offsets.clone()
-        # every attention layer runs through the TiDAR CPU backend (plain AR mode too,
-        # so both modes share one attention implementation)
+        device = torch.device(vllm_config.device_config.device)
+        backend = _tidar_attention_backend(device)
+        if self.tidar_layout is not None:
+            # CPU backend: the template padded to max_model_len keys (sliced per step);
+            # Flex: the bare L x L template on the device (indexed inside mask_mod)
+            max_prefix = vllm_config.model_config.max_model_len if backend is TiDARCPUBackend else 0
+            self._tidar_step_mask = StepMask(self.tidar_layout, max_prefix, device)
+            self._tidar_offsets = self.tidar_layout.position_offsets.to(device)
+        # every attention layer runs through the TiDAR backend (plain AR mode too, so
+        # both modes share one attention implementation)
         n = 0
         for module in self.modules():
             if isinstance(module, Attention):
                 impl = module.impl
-                module.attn_backend = TiDARCPUBackend
-                module.impl = TiDARCPUBackend.get_impl_cls()(
+                module.attn_backend = backend
+                module.backend = AttentionBackendEnum[backend.get_name()]
+                module.impl = backend.get_impl_cls()(
                     impl.num_heads,
                     impl.head_size,
                     impl.scale,
@@ -74,11 +102,12 @@ class _TiDARMixin:
         self._tidar_last = None  # (query_start_loc, tidar flags, prefilling flags) of the last forward
         self._tidar_drafts: dict[int, torch.Tensor] | None = None
         logger.info(
-            "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on the TiDAR CPU backend)",
+            "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on %s)",
             self.tidar_settings.block_length,
             self.tidar_mask_id,
             f"K={self.tidar_layout.num_drafts} L={self.tidar_layout.num_tokens}" if self.tidar_layout else "plain AR",
             n,
+            backend.__name__,
         )
 
     # --- forward -------------------------------------------------------------------------
@@ -91,19 +120,20 @@ class _TiDARMixin:
             md_all = md_all[0] if md_all else None
         if not md_all:
             return positions
-        mds = {id(m): m for m in md_all.values() if isinstance(m, TiDARCPUMetadata)}
+        # TiDARCPUMetadata / TiDARFlexMetadata: tidar_batch() and set_tidar_steps()
+        mds = {id(m): m for m in md_all.values() if hasattr(m, "set_tidar_steps")}
         if not mds:
             return positions
         md = next(iter(mds.values()))
+        qsl, prefilling = md.tidar_batch()
         layout = self.tidar_layout
-        flags = [False] * md.num_reqs
+        flags = [False] * (len(qsl) - 1)
         if layout is not None:
             big_l, first_mask = layout.num_tokens, layout.num_verify
-            qsl = md.query_start_loc
             new_pos = None
-            for i in range(md.num_reqs):
+            for i in range(len(flags)):
                 s, e = qsl[i], qsl[i + 1]
-                if e - s != big_l or md.is_prefilling[i]:
+                if e - s != big_l or prefilling[i]:
                     continue
                 if not bool((input_ids[s + first_mask : e] == self.tidar_mask_id).all()):
                     continue
@@ -114,9 +144,8 @@ class _TiDARMixin:
             if new_pos is not None:
                 positions = new_pos
         for m in mds.values():
-            m.tidar_step = flags
-            m.step_mask = self._tidar_step_mask if layout is not None else None
-        self._tidar_last = (md.query_start_loc, flags, md.is_prefilling)
+            m.set_tidar_steps(flags, self._tidar_step_mask if layout is not None else None)
+        self._tidar_last = (qsl, flags, prefilling)
         return positions
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
