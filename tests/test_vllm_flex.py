@@ -143,7 +143,7 @@ def test_demo_greedy_parity_cpu_flex_backend(monkeypatch):
     prompts = prompt_set(ckpt, 4, seed=5, min_len=5, max_len=40)
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     # small cache: eager flex materialises scores over every cache slot
-    small = dict(block_size=16, num_gpu_blocks_override=64)
+    small = dict(block_size=32, num_gpu_blocks_override=32)
     llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"}, **small)
     try:
         ar = token_ids(generate(llm, prompts, greedy))
