@@ -165,7 +165,8 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
                 )
             )
     if have_llama:
-        methods.append(Method("ar-llama", "AR (stock Llama)", "ar-llama", engine={"hf_overrides": stock}, baseline="ar"))
+        methods.append(Method("ar-llama", "AR (stock Llama)", "ar-llama", engine={"hf_overrides": stock},
+                              baseline="ar" if "ar" in wanted else ""))
     if "eagle3" in wanted:
         head = args.eagle3 or str(ckpt) + "-eagle3"
         if args.eagle3 == "none":
@@ -287,7 +288,7 @@ def make_rows(methods: list[Method], results: dict) -> list[dict]:
                     [r["token_ids"] for r in run["records"]], [r["token_ids"] for r in base["records"]]
                 )
             else:
-                row["speedup"] = 1.0 if m.kind == "ar" else None
+                row["speedup"] = 1.0 if m.kind in ("ar", "ar-llama") else None
                 row["identical"] = None
             rows.append(row)
     return rows
@@ -313,7 +314,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         acc = " ".join(_f(a, ".2f") for a in r["acceptance_per_position"]) or "—"
         same = "—" if r["identical"] is None else f"{r['identical']}/{r['requests']}"
         speed = _f(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else "")
-        if r["kind"] != "ar" and r["baseline"]:
+        if r["kind"] not in ("ar", "ar-llama") and r["baseline"]:
             speed += "" if r["baseline"] == "ar" else " ¹"
         lines.append(
             f"| {r['label']} | {r['batch_size']} | {_f(r['tokens_per_s'])} | {speed} | "
@@ -329,8 +330,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "TTFT: from arrival (all requests of a batch arrive together).",
         "- tokens/forward: output tokens / target forwards (prefill + every decode step). "
         "Acceptance per draft position i: fraction of verify steps whose draft i was accepted "
-        "(from the per-request per-step accepted counts; TiDAR's mask slots are not counted as drafts; "
-        "TiDAR's first decode step of each request drafts from [MASK] and counts as a rejected step).",
+        "(from the per-request per-step accepted counts; TiDAR's mask slots are not counted as drafts).",
         "- = AR: outputs token-identical to the baseline AR row at the same batch size.",
     ]
     lines += [f"- {n}" for n in meta["notes"]]
@@ -440,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    max_spec = max(m.num_spec for m in methods)
-    max_model_len = min(info["max_position_embeddings"], max(len(p) for p in prompts) + args.max_tokens + max_spec + 8)
-    room = max_model_len - args.max_tokens - max_spec - 8
+    # vLLM drops the drafts of the whole batch when any request's sequence length (which counts
+    # the scheduled drafts) plus num_speculative_tokens exceeds max_model_len
+    # (GPUModelRunner._input_fits_in_drafter): leave room for two full draft blocks
+    margin = 2 * (max(m.num_spec for m in methods) + 1) + 8
+    max_model_len = min(info["max_position_embeddings"], max(len(p) for p in prompts) + args.max_tokens + margin)
+    room = max_model_len - args.max_tokens - margin
     if room < 1:
         raise TidarError(f"--max-tokens {args.max_tokens} does not fit the model's {info['max_position_embeddings']} positions")
     cut = sum(len(p) > room for p in prompts)
