@@ -97,6 +97,9 @@ def check_upstream() -> None:
     for name, params in EXPECTED_PARAMS.items():
         if _params(getattr(Scheduler, name)) != params:
             problems.append(f"Scheduler.{name}{tuple(_params(getattr(Scheduler, name)))}")
+    observe = _params(RequestSpecDecodeMetrics.observe)
+    if observe != ["self", "num_draft_tokens", "num_accepted", "detailed"]:
+        problems.append(f"RequestSpecDecodeMetrics.observe{tuple(observe)}")
     source = inspect.getsource(inspect.unwrap(Scheduler.update_from_output))
     problems += [f"update_from_output lacks {line!r}" for line in EXPECTED_SOURCE if line not in source]
     init_source = inspect.getsource(inspect.unwrap(SpecDecodingProm.__init__))

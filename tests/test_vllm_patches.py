@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vllm_tidar.plugin.patching import PATCHES, load_patch_module
@@ -127,3 +128,12 @@ def test_prometheus_per_position_counters_for_k():
         assert len(prom.counter_spec_decode_num_accepted_tokens_per_pos[0]) == K
     finally:
         unregister_vllm_metrics()
+
+
+def test_spec_metrics_patch_fails_loudly_on_upstream_change(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    mod = load_patch_module("spec_metrics_tidar")
+    monkeypatch.setattr(Scheduler, "add_request", lambda self, request, priority=0: None)
+    with pytest.raises(RuntimeError, match="Scheduler.add_request"):
+        mod.check_upstream()

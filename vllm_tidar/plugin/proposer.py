@@ -7,7 +7,8 @@ the model sets their logit to -inf), then this proposer returns, for each reques
 the argmax of mask block ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``), rows
 ``layout.next_draft_rows(a)``, stashed by the model in the same forward. Requests that
 did not run a full TiDAR step (first step after prefill, degraded steps) get all-MASK
-drafts: they are rejected and the next step's block 0 supplies real drafts.
+drafts: they are rejected and the next step's block 0 supplies real drafts. Such steps
+are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
 """
 
 from __future__ import annotations
