@@ -23,6 +23,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.0.3", "scipy==1.17.1", "openai"],
+        # `vllm-tidar train-eagle3` only; speculators also requires CUDA torchvision/torchaudio
+        # wheels that break `import transformers`: uninstall them afterwards (see vllm_tidar/eagle3.py)
+        "eagle3": ["speculators==0.9.0", "hs-connectors==0.9.0", "datasets>=4.0.0,<=5.1.0"],
     },
     entry_points={
         "console_scripts": ["vllm-tidar=vllm_tidar.cli:main"],

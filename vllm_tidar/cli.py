@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=int, default=None, help="first N prompts (default all 164)")
     m.add_argument("--check-ar", action="store_true", help="also decode as AR and count identical outputs")
     m.set_defaults(fn=cmd_tpf)
+    from .eagle3 import add_parser as add_eagle3_parser  # train-eagle3 (EAGLE-3 head, speculators format)
+
+    add_eagle3_parser(sub)
     for name, text in BENCHMARK_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     return p

