@@ -480,6 +480,13 @@ def _vllm_runner(llm):
     return core.model_executor.driver_worker.worker.model_runner
 
 
+def vllm_max_model_len(max_ctx: int, max_q: int, multiple: int = 128) -> int:
+    """max_model_len for prompts of ``max_ctx + max_q`` tokens plus the one output token
+    vLLM requires room for (``max_tokens=1``), rounded up to ``multiple``."""
+    need = max_ctx + max_q + 1
+    return -(-need // multiple) * multiple
+
+
 def time_vllm(checkpoint, contexts, batch_sizes, query_tokens, repeats, warmup, dtype="float32", seed=0, log=None,
               kv_cache_gib=None):
     """Latency samples through the vLLM runner that serves TiDAR (see the module docstring).
@@ -488,8 +495,7 @@ def time_vllm(checkpoint, contexts, batch_sizes, query_tokens, repeats, warmup, 
     cfg = json.loads((Path(checkpoint) / "config.json").read_text())
     max_ctx, max_q, max_b = max(contexts), max(query_tokens), max(batch_sizes)
     trained_len = int(cfg.get("max_position_embeddings", 0) or 0)
-    max_len = max_ctx + max_q
-    max_len = -(-max_len // 128) * 128
+    max_len = vllm_max_model_len(max_ctx, max_q)
     hf_overrides: dict = {}
     if "tidar" in cfg:
         hf_overrides["tidar_mode"] = "ar"

@@ -132,6 +132,12 @@ def test_isotonic_fit():
     assert fit == [2, 2, 2, 2, 6]
 
 
+def test_vllm_max_model_len_leaves_room_for_the_output_token():
+    assert prof.vllm_max_model_len(4096, 512) == 4736  # 4608 + 1 output token
+    assert prof.vllm_max_model_len(128, 6) == 256
+    assert prof.vllm_max_model_len(100, 27) == 128
+
+
 def test_tidar_query_tokens():
     assert [tidar_query_tokens(b) for b in (2, 4, 8, 16)] == [6, 20, 72, 272]
 
