@@ -109,6 +109,13 @@ def checkpoint_info(ckpt: Path) -> dict:
     }
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def machine_name() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -305,7 +312,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"vLLM {meta['vllm']} (in-process, `enforce_eager`, {meta['dtype']}), torch {meta['torch']}; checkpoint "
         f"`{meta['checkpoint_name']}` (block length {meta['block_length']}); {meta['num_prompts']} {meta['prompt_source']} "
         f"prompts × {meta['max_tokens']} tokens (greedy, `ignore_eos`); batch sizes {', '.join(map(str, meta['batch_sizes']))}; "
-        f"total run time {meta['total_s'] / 60:.1f} min.",
+        f"total run time {meta['total_s'] / 60:.1f} min"
+        + (f"; 1-min load average {meta['load_average']['start']:.1f} at the start, {meta['load_average']['end']:.1f} at the end "
+           f"({os.cpu_count()} cores; a load above {os.cpu_count()} means other processes competed for them)."
+           if None not in meta["load_average"].values() else "."),
         "",
         "| method | batch | tokens/s | speedup vs AR | TPOT p50 / p95 (ms) | TTFT p50 (ms) | tokens/forward | acceptance per draft position | = AR |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
@@ -433,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
+    load_start = _loadavg()
     import torch
     import vllm
     from tqdm.auto import tqdm
@@ -488,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "total_s": time.perf_counter() - t_start,
+        "load_average": {"start": load_start, "end": _loadavg()},
     }
     md = markdown(rows, meta)
     (out / "results.md").write_text(md)
