@@ -29,13 +29,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_tidar.cli import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 
 from . import bench_stats as st
 
-DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
-if not DEMO.is_dir():  # regular (non-editable) install: benchmarks/ sits inside vllm_tidar/
-    DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
+DEMO = DEMO_CHECKPOINT
 ALL_METHODS = ("ar", "tidar", "ar-llama", "eagle3", "ngram")
 
 

@@ -71,15 +71,13 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_tidar.cli import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 
 DEFAULT_QUERY_TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 DEFAULT_CONTEXTS = (1024, 2048, 4096)
 DEFAULT_BATCH_SIZES = (1, 4)
 DEFAULT_TOLERANCE = 0.10
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
-if not (DEMO_CHECKPOINT / "config.json").is_file():  # regular (non-editable) install
-    DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 
 # Random-init model configs (sizes of the public models; nothing is downloaded).
 RANDOM_CONFIGS: dict[str, dict] = {
@@ -695,7 +693,7 @@ def write_markdown(result: dict, path: Path) -> None:
                      "were enabled (hf_overrides): outputs there are meaningless, the cost is real.")
     if meta.get("note"):
         lines.append(f"- {meta['note']}")
-    lines += ["", f"Latency in ms (x = ratio to q = 1). TiDAR's L = Bl(1+Bl): " + ", ".join(
+    lines += ["", "Latency in ms (x = ratio to q = 1). TiDAR's L = Bl(1+Bl): " + ", ".join(
         f"Bl={bl}: {tidar_query_tokens(bl)}" for bl in range(2, 23) if tidar_query_tokens(bl) <= max(qs)) + "."]
     for b in batches:
         lines += ["", f"## Batch {b}", "", "| q | " + " | ".join(f"ctx {c}" for c in contexts) + " |",

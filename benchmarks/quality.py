@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_tidar.cli import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 
 from .sandbox import SandboxLimits, run_programs
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
+DEFAULT_CHECKPOINT = DEMO_CHECKPOINT
 
 
 # --- completions -------------------------------------------------------------------------------

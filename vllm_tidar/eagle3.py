@@ -49,11 +49,14 @@ import json
 import math
 import random
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import TidarError
+
+if TYPE_CHECKING:
+    import torch
 
 INSTALL_HINT = (
     "train-eagle3 needs the speculators library: pip install --no-deps speculators==0.9.0 "
@@ -107,8 +110,6 @@ def _import_speculators():
 
 
 def token_frequencies(rows: torch.Tensor) -> dict[int, int]:
-    import torch  # noqa: F401
-
     ids, counts = rows.flatten().unique(return_counts=True)
     return dict(zip(ids.tolist(), counts.tolist()))
 
