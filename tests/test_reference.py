@@ -8,7 +8,6 @@ import torch
 from vllm_tidar.layout import DecodeLayout
 from vllm_tidar.reference import ReferenceDecoder
 
-from conftest import tiny_llama
 
 
 def random_prompts(n: int, vocab: int, mask_id: int, seed: int = 0) -> list[list[int]]:
