@@ -9,7 +9,6 @@ from vllm_tidar.layout import DecodeLayout
 from vllm_tidar.reference import ReferenceDecoder
 
 
-
 def random_prompts(n: int, vocab: int, mask_id: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     ids = [i for i in range(vocab) if i != mask_id]
