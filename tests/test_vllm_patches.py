@@ -18,12 +18,15 @@ def test_register_applies_every_patch_idempotently():
 
     assert getattr(EngineArgs.create_speculative_config, "_vllm_tidar_patched", False)
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.triton_utils import dispatcher
     from vllm.v1.spec_decode.metrics import SpecDecodingProm
 
     assert getattr(rejection_sampler.expand_batch_to_tokens, "_vllm_tidar_patched", False)
     for fn in (Scheduler.update_from_output, Scheduler.make_spec_decoding_stats, Scheduler.add_request, SpecDecodingProm.__init__):
         assert getattr(fn, "_vllm_tidar_patched", False), fn
-    assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar"}
+    assert getattr(dispatcher._rebind_kernels, "_vllm_tidar_patched", False)
+    assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar",
+                            "rebind_kernels_skip_llvmlite"}
 
 
 def test_patches_name_their_vllm_version():
@@ -137,3 +140,22 @@ def test_spec_metrics_patch_fails_loudly_on_upstream_change(monkeypatch):
     monkeypatch.setattr(Scheduler, "add_request", lambda self, request, priority=0: None)
     with pytest.raises(RuntimeError, match="Scheduler.add_request"):
         mod.check_upstream()
+
+
+def test_kernel_rebind_scan_survives_llvmlite():
+    """Upstream's scan raises once llvmlite is loaded (numba, e.g. the n-gram proposer);
+    the patched scan passes and leaves sys.modules as it was."""
+    import sys
+
+    import llvmlite.binding  # noqa: F401  (what numba loads)
+    from vllm.triton_utils import dispatcher
+
+    import vllm_tidar
+
+    vllm_tidar.register()
+    upstream = dispatcher._rebind_kernels.__wrapped__
+    with pytest.raises(AttributeError, match="_lib_fn_wrapper"):
+        upstream([])  # if this stops raising, upstream is fixed: drop the patch
+    before = set(sys.modules)
+    dispatcher._rebind_kernels([])
+    assert set(sys.modules) == before

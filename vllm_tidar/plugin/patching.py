@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ["spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar"]
+PATCHES = ["spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar", "rebind_kernels_skip_llvmlite"]
 
 
 def load_patch_module(name: str):
