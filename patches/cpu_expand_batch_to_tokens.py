@@ -19,9 +19,9 @@ upstream bug is still present (so the patch can be dropped when it is fixed).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from ._upstream import require_params
 
 TARGET_VERSION = "0.32.0"
 EXPECTED_PARAMS = ["x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"]
@@ -52,12 +52,8 @@ def check_upstream() -> None:
     fn = rejection_sampler.expand_batch_to_tokens
     if getattr(fn, _ATTR, False):
         return
-    params = list(inspect.signature(fn).parameters)
-    if params != EXPECTED_PARAMS:
-        raise RuntimeError(
-            f"vllm-tidar patch cpu_expand_batch_to_tokens targets vLLM {TARGET_VERSION}: "
-            f"rejection_sampler.expand_batch_to_tokens{tuple(params)} changed"
-        )
+    require_params("cpu_expand_batch_to_tokens", TARGET_VERSION, "rejection_sampler.expand_batch_to_tokens",
+                   fn, EXPECTED_PARAMS)
 
 
 def upstream_bug_present() -> bool:

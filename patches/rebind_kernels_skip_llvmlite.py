@@ -20,8 +20,9 @@ scan passes with llvmlite loaded.
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
+
+from ._upstream import require_params
 
 TARGET_VERSION = "0.32.0"
 EXPECTED_PARAMS = ["overrides"]
@@ -35,13 +36,8 @@ def _is_llvmlite(name: str) -> bool:
 def check_upstream() -> None:
     from vllm.triton_utils import dispatcher
 
-    fn = getattr(dispatcher._rebind_kernels, "__wrapped__", dispatcher._rebind_kernels)
-    params = list(inspect.signature(fn).parameters)
-    if params != EXPECTED_PARAMS:
-        raise RuntimeError(
-            f"vllm-tidar patch rebind_kernels_skip_llvmlite targets vLLM {TARGET_VERSION}: "
-            f"dispatcher._rebind_kernels{tuple(params)} changed"
-        )
+    require_params("rebind_kernels_skip_llvmlite", TARGET_VERSION, "dispatcher._rebind_kernels",
+                   dispatcher._rebind_kernels, EXPECTED_PARAMS)
 
 
 def apply() -> None:

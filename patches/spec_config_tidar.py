@@ -25,7 +25,8 @@ from the model. The wrapped function's signature is checked by
 from __future__ import annotations
 
 import functools
-import inspect
+
+from ._upstream import require_params
 
 TARGET_VERSION = "0.32.0"
 EXPECTED_PARAMS = ["self", "target_model_config", "target_parallel_config"]
@@ -36,13 +37,8 @@ def check_upstream() -> None:
     """Fail loudly if the patched function changed under us."""
     from vllm.engine.arg_utils import EngineArgs
 
-    fn = getattr(EngineArgs.create_speculative_config, "__wrapped__", EngineArgs.create_speculative_config)
-    params = list(inspect.signature(fn).parameters)
-    if params != EXPECTED_PARAMS:
-        raise RuntimeError(
-            f"vllm-tidar patch spec_config_tidar targets vLLM {TARGET_VERSION}: "
-            f"EngineArgs.create_speculative_config{tuple(params)} changed"
-        )
+    require_params("spec_config_tidar", TARGET_VERSION, "EngineArgs.create_speculative_config",
+                   EngineArgs.create_speculative_config, EXPECTED_PARAMS)
 
 
 def apply() -> None:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
+from ._upstream import params
+
 TARGET_VERSION = "0.32.0"
 _ATTR = "_vllm_tidar_patched"
 EXPECTED_PARAMS = {
@@ -84,20 +86,17 @@ def _tidar(scheduler) -> tuple[int, int] | None:
     return scheduler._tidar_metrics
 
 
-def _params(fn) -> list[str]:
-    return list(inspect.signature(inspect.unwrap(fn)).parameters)
-
-
 def check_upstream() -> None:
     """Fail loudly if the patched vLLM code changed under us."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.spec_decode.metrics import SpecDecodingProm
 
     problems = []
-    for name, params in EXPECTED_PARAMS.items():
-        if _params(getattr(Scheduler, name)) != params:
-            problems.append(f"Scheduler.{name}{tuple(_params(getattr(Scheduler, name)))}")
-    observe = _params(RequestSpecDecodeMetrics.observe)
+    for name, expected in EXPECTED_PARAMS.items():
+        found = params(getattr(Scheduler, name))
+        if found != expected:
+            problems.append(f"Scheduler.{name}{tuple(found)}")
+    observe = params(RequestSpecDecodeMetrics.observe)
     if observe != ["self", "num_draft_tokens", "num_accepted", "detailed"]:
         problems.append(f"RequestSpecDecodeMetrics.observe{tuple(observe)}")
     source = inspect.getsource(inspect.unwrap(Scheduler.update_from_output))

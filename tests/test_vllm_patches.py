@@ -159,3 +159,20 @@ def test_kernel_rebind_scan_survives_llvmlite():
     before = set(sys.modules)
     dispatcher._rebind_kernels([])
     assert set(sys.modules) == before
+
+
+@pytest.mark.parametrize(
+    "name, owner, attr",
+    [("spec_config_tidar", "vllm.engine.arg_utils:EngineArgs", "create_speculative_config"),
+     ("rebind_kernels_skip_llvmlite", "vllm.triton_utils.dispatcher", "_rebind_kernels")],
+)
+def test_wrapping_patches_fail_loudly_on_upstream_change(monkeypatch, name, owner, attr):
+    import importlib
+
+    module, _, cls = owner.partition(":")
+    target = importlib.import_module(module)
+    if cls:
+        target = getattr(target, cls)
+    monkeypatch.setattr(target, attr, lambda *args, changed=True: None)
+    with pytest.raises(RuntimeError, match=f"{name} targets vLLM .*{attr}"):
+        load_patch_module(name).check_upstream()
