@@ -78,6 +78,10 @@ class _TiDARMixin:
             max_prefix = vllm_config.model_config.max_model_len if backend is TiDARCPUBackend else 0
             self._tidar_step_mask = StepMask(self.tidar_layout, max_prefix, device)
             self._tidar_offsets = self.tidar_layout.position_offsets.to(device)
+            # beta mixing: verify row i mixes in the mask row that predicts the same position
+            self._tidar_bonus_rows = torch.tensor(
+                [self.tidar_layout.bonus_mask_row(i) for i in range(self.tidar_layout.num_verify)], device=device
+            )
         # every attention layer runs through the TiDAR backend (plain AR mode too, so
         # both modes share one attention implementation)
         n = 0
@@ -175,8 +179,8 @@ class _TiDARMixin:
                     if flags[i]:
                         rows = logits[off : off + q]
                         if beta != 1.0:
-                            bonus = torch.tensor([layout.bonus_mask_row(a) for a in range(layout.num_verify)])
-                            rows[: layout.num_verify] = beta * rows[: layout.num_verify] + (1.0 - beta) * rows[bonus]
+                            verify = rows[: layout.num_verify]
+                            rows[: layout.num_verify] = beta * verify + (1.0 - beta) * rows[self._tidar_bonus_rows]
                         masks = rows[layout.num_verify :]
                         masks[:, self.tidar_mask_id] = -torch.inf
                         drafts[i] = masks.argmax(-1)
