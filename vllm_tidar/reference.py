@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from . import hf_flex
 from .checkpoint import TidarSettings
 from .errors import TidarError
 from .layout import BootstrapLayout, DecodeLayout, StepMask, causal_template
@@ -89,7 +90,7 @@ class ReferenceDecoder:
         self.device = next(model.parameters()).device
         self.step_mask = StepMask(self.layout, self.max_len, self.device)
         self._offsets = self.layout.position_offsets.to(self.device)
-        self._flex = getattr(model.config, "_attn_implementation", None) == "tidar_flex"
+        self._flex = getattr(model.config, "_attn_implementation", None) == hf_flex.ATTN_NAME
 
     # --- model call ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -97,9 +98,7 @@ class ReferenceDecoder:
         """Logits (T, V) in float32 for T new tokens; ``mask`` is (T, cached + T) bool."""
         ids = torch.as_tensor(ids, device=self.device).view(1, -1)
         if self._flex:
-            from .hf_flex import block_mask
-
-            attn_mask = block_mask(mask)
+            attn_mask = hf_flex.block_mask(mask)
         else:
             attn_mask = mask[None, None]
         out = self.model(
