@@ -86,7 +86,7 @@ class TiDARCPUMetadata:
 class TiDARCPUMetadataBuilder(AttentionMetadataBuilder[TiDARCPUMetadata]):
     reorder_batch_threshold = None
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(
@@ -97,12 +97,8 @@ class TiDARCPUMetadataBuilder(AttentionMetadataBuilder[TiDARCPUMetadata]):
     ) -> TiDARCPUMetadata:
         cm = common_attn_metadata
         n = cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+        qsl, prefilling = host_batch(cm)
         seq_lens = cm.seq_lens[:n].tolist()
-        if cm.is_prefilling is not None:
-            prefilling = cm.is_prefilling[:n].tolist()
-        else:
-            prefilling = [True] * n
         return TiDARCPUMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             num_reqs=n,
@@ -113,6 +109,15 @@ class TiDARCPUMetadataBuilder(AttentionMetadataBuilder[TiDARCPUMetadata]):
             slot_mapping=cm.slot_mapping,
             tidar_step=[False] * n,
         )
+
+
+def host_batch(cm: CommonAttentionMetadata) -> tuple[list[int], list[bool]]:
+    """Host copies of ``query_start_loc`` (num_reqs + 1) and per-request ``is_prefilling``,
+    what the model's TiDAR step detection reads (both TiDAR backends)."""
+    n = cm.num_reqs
+    qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+    prefilling = cm.is_prefilling[:n].tolist() if cm.is_prefilling is not None else [True] * n
+    return qsl, prefilling
 
 
 def _split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

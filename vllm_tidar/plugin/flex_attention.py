@@ -39,6 +39,7 @@ from vllm.v1.attention.backends.flex_attention import (
 )
 
 from ..flex_mask import tidar_logical_mask, visible_kv_blocks
+from .attention import host_batch
 
 
 class TiDARFlexBackend(FlexAttentionBackend):
@@ -153,10 +154,8 @@ class TiDARFlexMetadataBuilder(FlexAttentionMetadataBuilder):
         fast_build: bool = False,
     ) -> TiDARFlexMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        cm = common_attn_metadata
-        n = cm.num_reqs
-        prefilling = cm.is_prefilling[:n].tolist() if cm.is_prefilling is not None else [True] * n
-        return TiDARFlexMetadata.adopt(md, self.persistent_tidar_flags, cm.query_start_loc_cpu[: n + 1].tolist(), prefilling)
+        qsl, prefilling = host_batch(common_attn_metadata)
+        return TiDARFlexMetadata.adopt(md, self.persistent_tidar_flags, qsl, prefilling)
 
 
 def _has_flash_cache_op() -> bool:
