@@ -58,27 +58,12 @@ def generate_completion(dec, tok, prompt_ids: list[int], max_tokens: int, mode: 
                         stops: tuple[str, ...] = STOP_SEQUENCES) -> Completion:
     """Greedy decode with the reference decoder, stopping once the text has a stop sequence.
 
-    Same loop as ``ReferenceDecoder.generate`` (greedy, batch 1) plus the stop-sequence check
-    after every step; without a stop sequence the tokens are exactly ``generate``'s.
+    ``ReferenceDecoder.generate`` (greedy, batch 1) with the stop-sequence check after every
+    step; without a stop sequence the tokens are exactly those of a plain ``generate``.
     """
-    from vllm_tidar.reference import SamplingSettings, _Session
-
-    if not prompt_ids:
-        raise TidarError("prompt is empty")
-    if len(prompt_ids) >= dec.max_len:
-        raise TidarError(f"prompt of {len(prompt_ids)} tokens leaves no room under max_len={dec.max_len}")
     eos = tok.eos_token_id
-    budget = min(max_tokens, dec.max_len - len(prompt_ids))
-    session = _Session(dec, list(prompt_ids), SamplingSettings(), None)
-    if mode == "ar":
-        session.prefill_ar()
-        step = session.step_ar
-    else:
-        session.prefill_tidar()
-        step = session.step_tidar
-    while not session.done(budget, eos) and not has_stop(_text(tok, session.generated[:budget], eos), stops):
-        step()
-    res = session.result(budget, eos)
+    res = dec.generate(prompt_ids, max_tokens, mode=mode, eos_token_id=eos,
+                       stop=lambda generated: has_stop(_text(tok, generated, eos), stops))
     ids = res.token_ids
     body = ids[:-1] if res.finish_reason == "stop" else ids
     finish = "eos" if res.finish_reason == "stop" else "length"

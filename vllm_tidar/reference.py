@@ -9,6 +9,7 @@ token per forward, for parity checks and A/B numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -131,7 +132,10 @@ class ReferenceDecoder:
         sampling: SamplingSettings = SamplingSettings(),
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
     ) -> GenerationResult:
+        """``stop``: called with the tokens generated so far (within ``max_tokens``) after
+        every forward; True ends decoding (e.g. a stop sequence in the text)."""
         if not prompt_ids:
             raise TidarError("prompt is empty: give at least one token")
         if max_tokens <= 0:
@@ -144,12 +148,12 @@ class ReferenceDecoder:
         session = _Session(self, list(prompt_ids), sampling, generator)
         if mode == "ar":
             session.prefill_ar()
-            while not session.done(budget, eos_token_id):
-                session.step_ar()
+            step = session.step_ar
         else:
             session.prefill_tidar()
-            while not session.done(budget, eos_token_id):
-                session.step_tidar()
+            step = session.step_tidar
+        while not session.done(budget, eos_token_id) and not (stop and stop(session.generated[:budget])):
+            step()
         return session.result(budget, eos_token_id)
 
 
