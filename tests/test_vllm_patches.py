@@ -25,8 +25,13 @@ def test_register_applies_every_patch_idempotently():
     for fn in (Scheduler.update_from_output, Scheduler.make_spec_decoding_stats, Scheduler.add_request, SpecDecodingProm.__init__):
         assert getattr(fn, "_vllm_tidar_patched", False), fn
     assert getattr(dispatcher._rebind_kernels, "_vllm_tidar_patched", False)
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert getattr(SamplingParams._validate_spec_decode, "_vllm_tidar_patched", False)
+    assert getattr(GPUModelRunner._input_fits_in_drafter, "_vllm_tidar_patched", False)
     assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar",
-                            "rebind_kernels_skip_llvmlite"}
+                            "rebind_kernels_skip_llvmlite", "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len"}
 
 
 def test_patches_name_their_vllm_version():
@@ -164,7 +169,9 @@ def test_kernel_rebind_scan_survives_llvmlite():
 @pytest.mark.parametrize(
     "name, owner, attr",
     [("spec_config_tidar", "vllm.engine.arg_utils:EngineArgs", "create_speculative_config"),
-     ("rebind_kernels_skip_llvmlite", "vllm.triton_utils.dispatcher", "_rebind_kernels")],
+     ("rebind_kernels_skip_llvmlite", "vllm.triton_utils.dispatcher", "_rebind_kernels"),
+     ("spec_refuse_logprob_token_ids", "vllm.sampling_params:SamplingParams", "_validate_spec_decode"),
+     ("tidar_drafts_near_max_len", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_input_fits_in_drafter")],
 )
 def test_wrapping_patches_fail_loudly_on_upstream_change(monkeypatch, name, owner, attr):
     import importlib
@@ -176,3 +183,43 @@ def test_wrapping_patches_fail_loudly_on_upstream_change(monkeypatch, name, owne
     monkeypatch.setattr(target, attr, lambda *args, changed=True: None)
     with pytest.raises(RuntimeError, match=f"{name} targets vLLM .*{attr}"):
         load_patch_module(name).check_upstream()
+
+
+# --- spec_refuse_logprob_token_ids --------------------------------------------------------
+def test_logprob_token_ids_refused_only_under_speculative_decoding():
+    import vllm_tidar
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    vllm_tidar.register()
+    spec = object()  # any speculative config: upstream's spec path ignores logprob_token_ids
+    with pytest.raises(VLLMValidationError, match="logprob_token_ids .* not yet supported with speculative decoding"):
+        SamplingParams(logprobs=1, logprob_token_ids=[5])._validate_spec_decode(spec)
+    SamplingParams(logprobs=1, logprob_token_ids=[5])._validate_spec_decode(None)  # no spec decode: fine
+    SamplingParams(logprobs=3)._validate_spec_decode(spec)  # top-k logprobs work under spec decode
+    with pytest.raises(VLLMValidationError, match="min_p"):  # upstream's own refusals still run
+        SamplingParams(min_p=0.5)._validate_spec_decode(spec)
+
+
+# --- tidar_drafts_near_max_len ------------------------------------------------------------
+def test_tidar_drafts_fit_whatever_the_longest_sequence():
+    """Upstream: the longest sequence + num_speculative_tokens must fit max_model_len, or the
+    whole batch gets token-0 drafts. For the TiDAR proposer (no drafter forward) it always fits."""
+    from types import SimpleNamespace
+
+    import vllm_tidar
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_tidar.plugin.common import PROPOSER_PATH
+
+    vllm_tidar.register()
+    md = SimpleNamespace(max_seq_len=500)
+
+    def runner(method, model):
+        spec = SimpleNamespace(method=method, model=model, use_dflash=lambda: False)
+        return SimpleNamespace(speculative_config=spec, num_spec_tokens=N, effective_drafter_max_model_len=512)
+
+    assert GPUModelRunner._input_fits_in_drafter(runner("custom_class", PROPOSER_PATH), md)
+    assert not GPUModelRunner._input_fits_in_drafter(runner("custom_class", PROPOSER_PATH), None)
+    assert not GPUModelRunner._input_fits_in_drafter(runner("ngram", None), md)  # others: upstream rule
+    assert GPUModelRunner._input_fits_in_drafter(runner("ngram", None), SimpleNamespace(max_seq_len=512 - N))

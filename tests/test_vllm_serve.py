@@ -180,3 +180,17 @@ def test_vllm_tidar_serve_starts_vllms_cli():
     out = subprocess.run(_vllm_cli() + ["serve", "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage: vllm serve" in out.stdout
+
+
+def test_logprob_token_ids_is_a_400_not_a_500(server):
+    """vLLM 0.32's spec-decode path ignores logprob_token_ids and the server answered 500;
+    the patch spec_refuse_logprob_token_ids refuses it up front, like min_p."""
+    import openai
+
+    client, _, model, _ = server
+    with pytest.raises(openai.BadRequestError, match="logprob_token_ids") as err:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, logprobs=1,
+                                  extra_body={"logprob_token_ids": [5]})
+    assert err.value.status_code == 400
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, logprobs=1, temperature=0)
+    assert len(r.choices[0].logprobs.tokens) == 4  # plain top-k logprobs still work

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = ["spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar", "rebind_kernels_skip_llvmlite"]
+PATCHES = ["spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar", "rebind_kernels_skip_llvmlite",
+           "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len"]
 
 
 def load_patch_module(name: str):
