@@ -60,46 +60,57 @@ def _error_of(llm, sp):
 @pytest.fixture(scope="module")
 def runs(demo):
     """AR and TiDAR outputs of (a) one long prompt + 3 short ones in one batch, (b) one
-    request per structured-output kind; TiDAR's metric deltas of each."""
+    request per structured-output kind; on TiDAR also the short prompts alone, the metric
+    deltas of (a) and (b), and the logprob requests."""
     from vllm import SamplingParams
 
     prompts = prompt_set(demo, 1, seed=2, min_len=LONG, max_len=LONG) + prompt_set(demo, 3, seed=4, min_len=20, max_len=40)
     sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     structured = _structured_params()
     res = {}
-    for mode, kw in (("ar", {"hf_overrides": {"tidar_mode": "ar"}}), ("tidar", {"per_request_spec_decode_metrics": "detailed"})):
-        llm = make_llm(demo, **kw)
-        try:
-            c0 = _counts(llm) if mode == "tidar" else None
-            res[f"{mode}_near"] = generate(llm, prompts, sp)
-            c1 = _counts(llm) if mode == "tidar" else None
-            res[f"{mode}_structured"] = llm.generate([STRUCTURED_PROMPT] * len(structured), structured, use_tqdm=False)
-            if mode == "tidar":
-                res["near_metrics"], res["structured_metrics"] = _delta(c0, c1), _delta(c1, _counts(llm))
-                res["logprob_ids_error"] = _error_of(
-                    llm, SamplingParams(max_tokens=4, logprobs=1, logprob_token_ids=[5]))
-                res["topk_logprobs"] = llm.generate(["x = 1"], SamplingParams(max_tokens=4, logprobs=2, temperature=0),
-                                                    use_tqdm=False)
-        finally:
-            close_llm(llm)
+    llm = make_llm(demo, hf_overrides={"tidar_mode": "ar"})
+    try:
+        res["ar_near"] = generate(llm, prompts, sp)
+        res["ar_structured"] = llm.generate([STRUCTURED_PROMPT] * len(structured), structured, use_tqdm=False)
+    finally:
+        close_llm(llm)
+    llm = make_llm(demo, per_request_spec_decode_metrics="detailed")
+    try:
+        c0 = _counts(llm)
+        res["tidar_near"] = generate(llm, prompts, sp)
+        c1 = _counts(llm)
+        res["short_alone"] = generate(llm, prompts[1:], sp)
+        c2 = _counts(llm)
+        res["tidar_structured"] = llm.generate([STRUCTURED_PROMPT] * len(structured), structured, use_tqdm=False)
+        res["near_metrics"], res["structured_metrics"] = _delta(c0, c1), _delta(c2, _counts(llm))
+        res["logprob_ids_error"] = _error_of(llm, SamplingParams(max_tokens=4, logprobs=1, logprob_token_ids=[5]))
+        res["topk_logprobs"] = llm.generate(["x = 1"], SamplingParams(max_tokens=4, logprobs=2, temperature=0), use_tqdm=False)
+    finally:
+        close_llm(llm)
     return res
 
 
 @pytest.fixture(scope="module")
 def near_limit(runs):
-    return token_ids(runs["ar_near"]), runs["tidar_near"], runs["near_metrics"]
+    return token_ids(runs["ar_near"]), runs["tidar_near"], runs["near_metrics"], runs["short_alone"]
 
 
 def test_near_max_model_len_output_equals_ar(near_limit):
-    want, out, _ = near_limit
+    want, out, _, _ = near_limit
     assert len(want[0]) == MAX_MODEL_LEN - LONG  # the long request really runs into max_model_len
     assert token_ids(out) == want
 
 
 def test_short_requests_keep_drafting_next_to_a_long_one(near_limit):
-    """Every decode step of a short request after the first is a full TiDAR step with K real
-    drafts: tokens = prefill + the all-MASK first step + sum(1 + accepted) over drafting steps."""
-    _, out, _ = near_limit
+    """The short requests draft and accept exactly as they do without the long neighbour (vLLM
+    alone would hand every request token-0 drafts once the long one is within 71 slots of
+    max_model_len). Every decode step after the first is a full TiDAR step with K real drafts:
+    tokens = prefill + the all-MASK first step + sum(1 + accepted) over drafting steps."""
+    _, out, _, alone = near_limit
+    for o, a in zip(out[1:], alone):
+        m, m_alone = o.outputs[0].spec_decode_metrics, a.outputs[0].spec_decode_metrics
+        assert (m.per_step_drafted, m.per_step_accepted) == (m_alone.per_step_drafted, m_alone.per_step_accepted)
+        assert sum(m.per_step_accepted) > 0
     for o in out[1:]:
         m = o.outputs[0].spec_decode_metrics
         n = len(o.outputs[0].token_ids)
@@ -111,7 +122,7 @@ def test_short_requests_keep_drafting_next_to_a_long_one(near_limit):
 def test_metrics_count_only_verified_drafts(near_limit):
     """The long request's steps are cut by max_model_len: they verify fewer than K drafts and
     count just those; engine counters are the sum of the per-request ones."""
-    _, out, metrics = near_limit
+    _, out, metrics, _ = near_limit
     steps = [o.outputs[0].spec_decode_metrics for o in out]
     long = steps[0]
     assert all(1 <= d <= K for d in long.per_step_drafted)

