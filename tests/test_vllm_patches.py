@@ -30,8 +30,12 @@ def test_register_applies_every_patch_idempotently():
 
     assert getattr(SamplingParams._validate_spec_decode, "_vllm_tidar_patched", False)
     assert getattr(GPUModelRunner._input_fits_in_drafter, "_vllm_tidar_patched", False)
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert getattr(AsyncLLM.shutdown, "_vllm_tidar_patched", False)
     assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar",
-                            "rebind_kernels_skip_llvmlite", "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len"}
+                            "rebind_kernels_skip_llvmlite", "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len",
+                            "shutdown_fails_pending_requests"}
 
 
 def test_patches_name_their_vllm_version():
@@ -171,7 +175,8 @@ def test_kernel_rebind_scan_survives_llvmlite():
     [("spec_config_tidar", "vllm.engine.arg_utils:EngineArgs", "create_speculative_config"),
      ("rebind_kernels_skip_llvmlite", "vllm.triton_utils.dispatcher", "_rebind_kernels"),
      ("spec_refuse_logprob_token_ids", "vllm.sampling_params:SamplingParams", "_validate_spec_decode"),
-     ("tidar_drafts_near_max_len", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_input_fits_in_drafter")],
+     ("tidar_drafts_near_max_len", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_input_fits_in_drafter"),
+     ("shutdown_fails_pending_requests", "vllm.v1.engine.async_llm:AsyncLLM", "shutdown")],
 )
 def test_wrapping_patches_fail_loudly_on_upstream_change(monkeypatch, name, owner, attr):
     import importlib
@@ -223,3 +228,35 @@ def test_tidar_drafts_fit_whatever_the_longest_sequence():
     assert not GPUModelRunner._input_fits_in_drafter(runner("custom_class", PROPOSER_PATH), None)
     assert not GPUModelRunner._input_fits_in_drafter(runner("ngram", None), md)  # others: upstream rule
     assert GPUModelRunner._input_fits_in_drafter(runner("ngram", None), SimpleNamespace(max_seq_len=512 - N))
+
+
+# --- shutdown_fails_pending_requests ------------------------------------------------------
+def test_shutdown_hands_engine_dead_error_to_pending_requests():
+    """A request awaiting output when the engine shuts down (from the executor thread the API
+    server uses) gets EngineDeadError instead of waiting forever."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.exceptions import EngineDeadError
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
+
+    mod = load_patch_module("shutdown_fails_pending_requests")
+
+    async def scenario():
+        queue = RequestOutputCollector(RequestOutputKind.DELTA, "r0")
+        processor = SimpleNamespace(request_states={"r0": SimpleNamespace(queue=queue)})
+        processor.propagate_error = lambda e: OutputProcessor.propagate_error(processor, e)
+        handler = asyncio.get_running_loop().create_task(asyncio.sleep(3600))  # the output handler task
+        llm = SimpleNamespace(output_processor=processor, output_handler=handler)
+        waiter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, mod.fail_pending_requests, llm)
+        try:
+            with pytest.raises(EngineDeadError):
+                await asyncio.wait_for(waiter, timeout=5)
+        finally:
+            handler.cancel()
+
+    asyncio.run(scenario())
+    mod.fail_pending_requests(SimpleNamespace(output_processor=SimpleNamespace(request_states={})))  # nothing pending
