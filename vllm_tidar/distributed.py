@@ -30,6 +30,12 @@ def check_launch(nproc: int, device: str, batch_size: int, world: int | None = N
             f"torch.distributed backend {backend!r} (for device {torch.device(device).type}) is not available "
             f"in this torch build ({torch.__version__})"
         )
+    world = nproc if world is None else world
+    if batch_size % world:
+        raise TidarError(
+            f"batch size {batch_size} is not divisible by {world} ranks "
+            "(each rank takes batch_size / world_size rows of the global batch)"
+        )
     kind = torch.device(device).type
     if kind == "cuda":
         have, what = torch.cuda.device_count(), "CUDA devices"
@@ -39,12 +45,6 @@ def check_launch(nproc: int, device: str, batch_size: int, world: int | None = N
         raise TidarError(f"distributed training runs on cpu or cuda, got device {device!r}")
     if nproc > have:
         raise TidarError(f"{nproc} ranks on this node but only {have} {what}")
-    world = nproc if world is None else world
-    if batch_size % world:
-        raise TidarError(
-            f"batch size {batch_size} is not divisible by {world} ranks "
-            "(each rank takes batch_size / world_size rows of the global batch)"
-        )
 
 
 @dataclass

@@ -79,7 +79,7 @@ def tidar_loss(model, tokens: torch.Tensor, layout: TrainingLayout, mask_id: int
     ids = layout.input_ids(tokens, mask_id)
     pos = layout.position_ids.to(dev).expand(tokens.shape[0], -1)
     attn = layout.template.to(dev)[None, None].expand(tokens.shape[0], 1, -1, -1)
-    logits = model(input_ids=ids, position_ids=pos, attention_mask=attn).logits.float()
+    logits = model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=False).logits.float()
     s = layout.seq_len
     ar_labels, diff_labels = layout.labels(tokens)
     l_ar = F.cross_entropy(logits[:, :s].flatten(0, 1), ar_labels.flatten(), ignore_index=-100)

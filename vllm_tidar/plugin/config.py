@@ -10,6 +10,7 @@ import logging
 from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout
+from .cpu_threads import default_thread_binding
 from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, layout_from_num_spec, num_speculative_tokens
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class TiDARConfigHook:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        default_thread_binding(vllm_config)
         spec = vllm_config.speculative_config
         if not is_tidar_proposer(spec):
             return
