@@ -9,6 +9,7 @@ from ..errors import TidarError
 
 logger = logging.getLogger(__name__)
 ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_ours: str | None = None  # the value this module set (a later engine in the process may need another)
 
 
 def default_thread_binding(vllm_config) -> None:
@@ -17,10 +18,15 @@ def default_thread_binding(vllm_config) -> None:
     vllm-cpu's ``auto`` binding puts each rank on its own NUMA node and stops with "Not enough
     allowed NUMA nodes to bind threads of N local CPUWorkers" otherwise (e.g. TP=2 on a 2-core,
     1-node machine). Nothing changes when the user set the variable, on other platforms, with one
-    rank, with data parallelism, or when there are enough NUMA nodes.
+    rank, with data parallelism, or when there are enough NUMA nodes. A value this function set
+    for an earlier engine in the process is redone (or removed) for the next one.
     """
-    if os.environ.get(ENV):
+    global _ours
+    if os.environ.get(ENV) and os.environ[ENV] != _ours:
         return
+    if _ours is not None:
+        os.environ.pop(ENV, None)
+        _ours = None
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -41,6 +47,6 @@ def default_thread_binding(vllm_config) -> None:
         )
     per = len(cpus) // ranks
     value = "|".join(",".join(map(str, cpus[r * per : (r + 1) * per])) for r in range(ranks))
-    os.environ[ENV] = value
+    os.environ[ENV] = _ours = value
     logger.warning("TiDAR: %d CPU ranks on fewer NUMA nodes: set %s=%r (one share of the allowed cores per rank)",
                    ranks, ENV, value)
