@@ -83,3 +83,17 @@ def test_fsdp_checkpoint_serves_in_vllm(runs):
     finally:
         close_llm(llm)
     assert out == [expected]
+
+
+def test_activation_checkpointing_cuts_the_doubled_sequence_memory():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_tidar.activation_memory import measure
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    rows = {(r["mode"], r["activation_checkpointing"]): r for r in measure(model, 128, 2, 4, mask_id=1)}
+    assert rows["tidar", False]["kept"] > 1.8 * rows["ar", False]["kept"]  # the doubled sequence
+    assert rows["tidar", True]["kept"] < 0.5 * rows["tidar", False]["kept"]
+    assert rows["tidar", True]["peak"] < rows["tidar", False]["peak"]
