@@ -10,8 +10,8 @@ import logging
 from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout
-from .cpu_threads import default_thread_binding
 from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, layout_from_num_spec, num_speculative_tokens
+from .cpu_threads import default_thread_binding
 
 logger = logging.getLogger(__name__)
 
