@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
         dtype=args.dtype, device=args.device, save_every=args.save_every, seed=args.seed,
         resume=args.resume, activation_checkpointing=args.activation_checkpointing,
     )
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
+    if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
         from .distributed import check_launch
 
         cfg.validate()

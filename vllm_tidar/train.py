@@ -25,7 +25,7 @@ from .errors import TidarError
 from .layout import TrainingLayout
 
 STATE_FILE = "trainer_state.pt"
-LOG_FILE = "train_log.jsonl"  # one JSON line per step (rank 0): losses of the global batch, lr, global tokens
+LOG_FILE = "train_log.jsonl"  # one JSON line per step (rank 0): losses of the global batch, lr, clean tokens so far
 
 
 @dataclass
@@ -179,7 +179,7 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
         bar.set_postfix(ar=f"{l_ar_sum:.3f}", diff=f"{l_diff_sum:.3f}", tok_s=f"{tok_s:.0f}")
         if env.is_main:
             entry = {"step": step + 1, "l_ar": l_ar_sum, "l_diff": l_diff_sum, "lr": lr_at(step, cfg),
-                     "global_tokens": (step + 1) * micro * cfg.seq_len * 2, "tokens_per_s": tok_s}
+                     "clean_tokens": (step + 1) * micro * cfg.seq_len, "doubled_tokens_per_s": tok_s}
             with open(out / LOG_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
