@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,37 @@ def demo():
     from vllm_tidar.checkpoint import load_tidar
 
     return load_tidar(DEMO)
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """(trainer tests) A tiny random AR Llama with the demo tokenizer (no mask token: the trainer adds it)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("base")
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    tok.save_pretrained(out)
+    # drop the mask token from the copied vocabulary so the trainer must add it
+    raw = json.loads((out / "tokenizer.json").read_text())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<|mask|>"]
+    (out / "tokenizer.json").write_text(json.dumps(raw))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("extra_special_tokens", None)
+    cfg.pop("additional_special_tokens", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, eos_token_id=0, bos_token_id=None))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """(trainer tests) Six torch.nn source files as training text."""
+    d = tmp_path_factory.mktemp("data")
+    src = Path(torch.__file__).parent / "nn" / "modules"
+    for p in sorted(src.glob("*.py"))[:6]:
+        (d / p.name).write_text(p.read_text())
+    return d

@@ -66,3 +66,28 @@ def test_demo_runs_and_reports_parity():
     proc = run_cli("demo", "--max-tokens", "24")
     assert proc.returncode == 0, proc.stderr
     assert "TiDAR output identical to AR: True" in proc.stdout
+
+
+def _train_nproc(tmp_path, *args):
+    return run_cli("train", "--base", str(DEMO), "--data", str(DEMO), "--out", str(tmp_path / "o"), *args)
+
+
+def test_train_more_ranks_than_cores(tmp_path):
+    import os
+
+    n = len(os.sched_getaffinity(0)) + 1
+    proc = _train_nproc(tmp_path, "--nproc", str(n), "--batch-size", str(2 * n))
+    assert_one_line_error(proc, f"{n} ranks on this node but only")
+
+
+def test_train_world_size_not_dividing_the_batch(tmp_path):
+    assert_one_line_error(_train_nproc(tmp_path, "--nproc", "2", "--batch-size", "3"), "batch size 3 is not divisible by 2 ranks")
+
+
+def test_train_missing_distributed_backend(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_nccl_available():
+        pytest.skip("this torch build has NCCL")
+    proc = _train_nproc(tmp_path, "--nproc", "2", "--device", "cuda")
+    assert_one_line_error(proc, "torch.distributed backend 'nccl' (for device cuda) is not available")

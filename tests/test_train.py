@@ -1,7 +1,6 @@
 """The AR -> TiDAR trainer on a tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,41 +10,6 @@ from vllm_tidar.layout import TrainingLayout
 from vllm_tidar.reference import ReferenceDecoder
 from vllm_tidar.data import pack, read_texts
 from vllm_tidar.train import TrainConfig, _load, lr_at, tidar_loss, train
-
-from conftest import DEMO
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny random AR Llama with the demo tokenizer (no mask token: the trainer adds it)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("base")
-    tok = AutoTokenizer.from_pretrained(DEMO)
-    tok.save_pretrained(out)
-    # drop the mask token from the copied vocabulary so the trainer must add it
-    raw = json.loads((out / "tokenizer.json").read_text())
-    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<|mask|>"]
-    (out / "tokenizer.json").write_text(json.dumps(raw))
-    cfg = json.loads((out / "tokenizer_config.json").read_text())
-    cfg.pop("extra_special_tokens", None)
-    cfg.pop("additional_special_tokens", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256, eos_token_id=0, bos_token_id=None))
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    src = Path(torch.__file__).parent / "nn" / "modules"
-    for p in sorted(src.glob("*.py"))[:6]:
-        (d / p.name).write_text(p.read_text())
-    return d
 
 
 def test_training_lowers_both_losses_and_saves_a_tidar_checkpoint(base, data, tmp_path):

@@ -115,11 +115,12 @@ def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model, tokenizer, settings
 
 
-def save_tidar(model, tokenizer, settings: TidarSettings, out: str | Path) -> Path:
-    """Save a plain HF folder with the TiDAR section and architecture in config.json."""
+def save_tidar(model, tokenizer, settings: TidarSettings, out: str | Path, state_dict: dict | None = None) -> Path:
+    """Save a plain HF folder with the TiDAR section and architecture in config.json
+    (``state_dict``: the weights to write instead of the model's own, e.g. gathered from FSDP shards)."""
     out = Path(out)
     model_type = check_family(model.config)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     # written after save_pretrained, which resets "architectures" to the HF class
     cfg_file = out / "config.json"

