@@ -71,7 +71,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_tidar.cli import DEMO_CHECKPOINT
+from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 
 DEFAULT_QUERY_TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)

@@ -33,7 +33,12 @@ def plain_ckpt(tmp_path_factory):
 
 
 def test_block_length_below_two():
-    assert_one_line_error(run_cli("demo", "--block-length", "1", "--max-tokens", "4"), "block length must be")
+    assert_one_line_error(run_cli("demo", "--reference", "--block-length", "1", "--max-tokens", "4"), "block length must be")
+    assert_one_line_error(run_cli("demo", "--block-length", "4"), "--block-length needs --reference")
+
+
+def test_num_drafts_out_of_range():
+    assert_one_line_error(run_cli("demo", "--num-drafts", "8"), "--num-drafts must be between 1 and 7")
 
 
 def test_checkpoint_without_tidar_settings(plain_ckpt):
@@ -62,7 +67,7 @@ def test_train_block_length_below_two(tmp_path):
     assert_one_line_error(proc, "block length must be >= 2")
 
 
-def test_demo_runs_and_reports_parity():
-    proc = run_cli("demo", "--max-tokens", "24")
+def test_reference_demo_runs_and_reports_parity():
+    proc = run_cli("demo", "--reference", "--max-tokens", "24")
     assert proc.returncode == 0, proc.stderr
     assert "TiDAR output identical to AR: True" in proc.stdout
