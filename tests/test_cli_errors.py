@@ -53,6 +53,10 @@ def test_max_tokens_not_positive():
     assert_one_line_error(run_cli("demo", "--max-tokens", "0"), "max_tokens must be > 0")
 
 
+def test_demo_longer_than_the_model_positions():
+    assert_one_line_error(run_cli("demo", "--max-tokens", "5000"), "exceed the model's 2048 positions")
+
+
 def test_unreadable_data_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -11,6 +11,7 @@ identity) is ``vllm-tidar bench``'s (``benchmarks/bench_stats.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def _engine(checkpoint: Path, max_model_len: int, warmup: list[int], verbose: bo
 
 
 def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts: int | None = None,
-             verbose: bool = False) -> int:
+             verbose: bool = False) -> None:
     """AR then TiDAR in vLLM on ``prompts``; prints the comparison table and the serve command."""
     checkpoint = Path(checkpoint)
     settings = read_settings(checkpoint)
@@ -115,7 +116,12 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     ids = _prompt_ids(tok, prompts)
     # room for the drafts vLLM checks against max_model_len (see bench.py)
-    max_model_len = max(len(p) for p in ids) + max_tokens + 2 * (layout.num_speculative_tokens + 1) + 8
+    room = 2 * (layout.num_speculative_tokens + 1) + 8
+    max_model_len = max(len(p) for p in ids) + max_tokens + room
+    positions = json.loads((checkpoint / "config.json").read_text()).get("max_position_embeddings")
+    if positions and max_model_len > positions:
+        raise TidarError(f"the longest prompt ({max(len(p) for p in ids)} tokens) + --max-tokens {max_tokens} + "
+                         f"{room} draft slots exceed the model's {positions} positions")
     tidar_engine = {} if num_drafts is None else {
         "speculative_config": {"method": "tidar", "num_speculative_tokens": num_drafts}}
     modes = [
@@ -126,13 +132,14 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
           f"block length {layout.block_len}, TiDAR K={layout.num_drafts} ({layout.num_tokens} query tokens per step); "
           f"{len(ids)} prompts x {max_tokens} tokens, batch 1, greedy", flush=True)
     runs = {}
+    stages = iter(STAGES)
     with tqdm(total=len(STAGES), unit="stage", dynamic_ncols=True) as bar:
         for label, engine in modes:
-            bar.set_description(f"{label.split()[0]} engine")
+            bar.set_description(next(stages))
             llm = _engine(checkpoint, max_model_len, ids[0], verbose, **engine)
             try:
                 bar.update(1)
-                bar.set_description(f"{label.split()[0]} generate")
+                bar.set_description(next(stages))
                 runs[label] = _generate(llm, ids, max_tokens, bar)
                 bar.update(1)
             finally:
@@ -159,12 +166,11 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
               "are not)")
     print(f"\nPrompt 1, TiDAR output:\n{prompts[0]}{tok.decode(outputs[tidar_label][0], skip_special_tokens=True)}")
     print(f"\nNext, serve it with vLLM's OpenAI-compatible server:\n  {serve_command(checkpoint, num_drafts)}")
-    return 0
 
 
 # --- reference decoder ---------------------------------------------------------------------
 def run_reference(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts: int | None = None,
-                  block_length: int | None = None) -> int:
+                  block_length: int | None = None) -> None:
     """AR then TiDAR with the PyTorch reference decoder (HF model, batch 1)."""
     import torch
 
@@ -189,4 +195,3 @@ def run_reference(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_d
         print(prompts[0] + tok.decode(res[0].token_ids))
     same = outputs["ar"] == outputs["tidar"]
     print(f"\nTiDAR output identical to AR: {same}")
-    return 0
