@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_tidar.cli import DEMO_CHECKPOINT
+from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
+from vllm_tidar.layout import DecodeLayout, check_num_drafts
 
 from . import bench_stats as st
 
@@ -150,24 +151,24 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
     if "ar" in wanted:
         methods.append(Method("ar", "AR (TiDAR class, tidar_mode=ar)", "ar", engine={"hf_overrides": {"tidar_mode": "ar"}}, baseline=""))
     if "tidar" in wanted:
+        full_k = DecodeLayout(bl).num_drafts
         if args.tidar_k == "auto":
-            ks = sorted({bl - 1, max(1, (bl - 1) // 2)}, reverse=True)
+            ks = sorted({full_k, max(1, full_k // 2)}, reverse=True)
         elif args.tidar_k == "all":
-            ks = list(range(bl - 1, 0, -1))
+            ks = list(range(full_k, 0, -1))
         else:
             try:
                 ks = _int_list(args.tidar_k)
             except argparse.ArgumentTypeError as e:
                 raise TidarError(f"--tidar-k: {e}") from None
-            bad = [k for k in ks if not 1 <= k <= bl - 1]
-            if bad:
-                raise TidarError(f"--tidar-k {args.tidar_k}: K must be in 1..{bl - 1} (block length {bl})")
+            for k in ks:
+                check_num_drafts(k, bl, what=f"--tidar-k {args.tidar_k}: K")
         for k in ks:
             methods.append(
                 Method(
                     f"tidar-k{k}", f"TiDAR K={k}", "tidar", k=k,
                     engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": k}},
-                    num_spec=k + (k + 1) * bl,
+                    num_spec=DecodeLayout(bl, k).num_speculative_tokens,
                 )
             )
     if have_llama:
@@ -252,29 +253,13 @@ def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_m
                 outs = llm.generate([{"prompt_token_ids": p} for p in chunk], sp, use_tqdm=False)
                 elapsed += time.perf_counter() - t0
                 for j, o in enumerate(outs):
-                    records.append(request_record(start + j, o))
+                    records.append(st.request_record(start + j, o))
                 progress.update(len(chunk))
                 progress.set_postfix_str(f"batch {b}: {sum(r['num_tokens'] for r in records) / elapsed:.0f} tok/s")
             runs[b] = {"records": records, "seconds": elapsed}
         return {"runs": runs, "build_s": build_s}
     finally:
         close_llm(llm)
-
-
-def request_record(index: int, out) -> dict:
-    comp = out.outputs[0]
-    m = out.metrics
-    sd = comp.spec_decode_metrics
-    return {
-        "prompt": index,
-        "token_ids": list(comp.token_ids),
-        "num_tokens": len(comp.token_ids),
-        "ttft": getattr(m, "first_token_latency", None),
-        "first_token_ts": getattr(m, "first_token_ts", 0.0),
-        "last_token_ts": getattr(m, "last_token_ts", 0.0),
-        "per_step_accepted": list(sd.per_step_accepted) if sd is not None else [],
-        "per_step_drafted": list(sd.per_step_drafted) if sd is not None else [],
-    }
 
 
 # --- results ---------------------------------------------------------------------------------

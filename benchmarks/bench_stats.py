@@ -1,4 +1,5 @@
-"""Accounting for ``vllm-tidar bench``: pure functions over per-request records (no vLLM import).
+"""Accounting for ``vllm-tidar bench`` and ``vllm-tidar demo``: per-request records from vLLM's
+outputs, and pure functions over them (no vLLM import).
 
 Conventions (one request, ``n`` output tokens, greedy):
 * a *forward* is one target-model step: the prefill (it yields the first token) plus every
@@ -15,6 +16,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+
+def request_record(index: int, out) -> dict:
+    """The record of one finished ``vllm.RequestOutput`` (prompt ``index``) that the functions below read."""
+    comp = out.outputs[0]
+    m = out.metrics
+    sd = comp.spec_decode_metrics
+    return {
+        "prompt": index,
+        "token_ids": list(comp.token_ids),
+        "num_tokens": len(comp.token_ids),
+        "ttft": getattr(m, "first_token_latency", None),
+        "first_token_ts": getattr(m, "first_token_ts", 0.0),
+        "last_token_ts": getattr(m, "last_token_ts", 0.0),
+        "per_step_accepted": list(sd.per_step_accepted) if sd is not None else [],
+        "per_step_drafted": list(sd.per_step_drafted) if sd is not None else [],
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

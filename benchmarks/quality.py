@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_tidar.cli import DEMO_CHECKPOINT
+from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 
 from .sandbox import SandboxLimits, run_programs

@@ -130,7 +130,7 @@ def test_prompts_file_and_humaneval(tmp_path):
 
 def test_bad_tidar_k_and_methods(tmp_path, capsys):
     assert cli_main(["bench", "--tidar-k", "8", "--out", str(tmp_path)]) == 2
-    assert "K must be in 1..7" in capsys.readouterr().err
+    assert "--tidar-k 8: K must be between 1 and 7 (block length 8)" in capsys.readouterr().err
     assert cli_main(["bench", "--methods", "ar,medusa", "--out", str(tmp_path)]) == 2
     assert "unknown medusa" in capsys.readouterr().err
 

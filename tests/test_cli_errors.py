@@ -33,7 +33,12 @@ def plain_ckpt(tmp_path_factory):
 
 
 def test_block_length_below_two():
-    assert_one_line_error(run_cli("demo", "--block-length", "1", "--max-tokens", "4"), "block length must be")
+    assert_one_line_error(run_cli("demo", "--reference", "--block-length", "1", "--max-tokens", "4"), "block length must be")
+    assert_one_line_error(run_cli("demo", "--block-length", "4"), "--block-length needs --reference")
+
+
+def test_num_drafts_out_of_range():
+    assert_one_line_error(run_cli("demo", "--num-drafts", "8"), "--num-drafts must be between 1 and 7")
 
 
 def test_checkpoint_without_tidar_settings(plain_ckpt):
@@ -46,6 +51,10 @@ def test_empty_prompt():
 
 def test_max_tokens_not_positive():
     assert_one_line_error(run_cli("demo", "--max-tokens", "0"), "max_tokens must be > 0")
+
+
+def test_demo_longer_than_the_model_positions():
+    assert_one_line_error(run_cli("demo", "--max-tokens", "5000"), "exceed the model's 2048 positions")
 
 
 def test_unreadable_data_folder(tmp_path):
@@ -62,8 +71,8 @@ def test_train_block_length_below_two(tmp_path):
     assert_one_line_error(proc, "block length must be >= 2")
 
 
-def test_demo_runs_and_reports_parity():
-    proc = run_cli("demo", "--max-tokens", "24")
+def test_reference_demo_runs_and_reports_parity():
+    proc = run_cli("demo", "--reference", "--max-tokens", "24")
     assert proc.returncode == 0, proc.stderr
     assert "TiDAR output identical to AR: True" in proc.stdout
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vllm_tidar.layout import BootstrapLayout, DecodeLayout, StepMask, TrainingLayout, causal_template
+from vllm_tidar.errors import TidarError
+from vllm_tidar.layout import BootstrapLayout, DecodeLayout, StepMask, TrainingLayout, causal_template, check_num_drafts
 
 
 def test_decode_positions_match_paper_example():
@@ -51,10 +52,42 @@ def test_fewer_drafts_keep_full_blocks():
     lay = DecodeLayout(block_len=8, num_drafts=3)
     assert lay.num_tokens == 4 + 4 * 8
     assert lay.next_draft_rows(3) == slice(4 + 3 * 8 + 1, 4 + 3 * 8 + 4)
-    with pytest.raises(ValueError, match="num_drafts"):
+    with pytest.raises(TidarError, match="num_drafts must be between 1 and 3"):
         DecodeLayout(block_len=4, num_drafts=4)
     with pytest.raises(ValueError, match=">= 2"):
         DecodeLayout(block_len=1)
+
+
+@pytest.mark.parametrize("bl", [2, 4, 8])
+def test_num_speculative_tokens_round_trip(bl):
+    for k in range(1, bl):
+        layout = DecodeLayout(bl, k)
+        n = layout.num_speculative_tokens
+        assert n == k + (k + 1) * bl == layout.num_tokens - 1
+        assert layout.num_mask_slots == (k + 1) * bl
+        assert DecodeLayout.from_num_speculative_tokens(n, bl) == layout
+    for bad in (bl * bl + bl, bl, bl + 2):  # K = bl is too many, K = 0, not K + (K+1)*bl
+        with pytest.raises(TidarError, match="is not K"):
+            DecodeLayout.from_num_speculative_tokens(bad, bl)
+
+
+def test_check_num_drafts():
+    assert check_num_drafts(3, 4) == 3
+    for bad in (0, 4, True, 2.0, None):
+        with pytest.raises(TidarError, match=r"^K must be between 1 and 3 \(block length 4\), got "):
+            check_num_drafts(bad, 4, what="K")
+
+
+@pytest.mark.parametrize("bl,k", [(4, 3), (4, 1), (8, 5)])
+def test_next_draft_index_is_next_draft_rows_per_acceptance(bl, k):
+    lay = DecodeLayout(bl, k)
+    idx = lay.next_draft_index
+    assert idx.shape == (k + 1, k) and idx.dtype == torch.long
+    for a in range(k + 1):
+        rows = lay.next_draft_rows(a)
+        assert idx[a].tolist() == list(range(rows.start, rows.stop))
+    preds = torch.arange(lay.num_tokens) * 10  # one gather cuts every acceptance outcome
+    assert preds[idx][k].tolist() == [10 * r for r in range(lay.next_draft_rows(k).start, lay.next_draft_rows(k).stop)]
 
 
 def test_step_mask_is_built_once_and_sliced():

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from vllm_tidar.benchmarks import profile as prof
-from vllm_tidar.benchmarks.profile import (
-    DEFAULT_QUERY_TOKENS,
+from vllm_tidar.benchmarks import profile_hf, profile_vllm
+from vllm_tidar.benchmarks.profile import DEFAULT_QUERY_TOKENS
+from vllm_tidar.benchmarks.profile_analysis import (
     isotonic_fit,
     overall_recommendation,
     recommend_block_length,
@@ -133,9 +134,9 @@ def test_isotonic_fit():
 
 
 def test_vllm_max_model_len_leaves_room_for_the_output_token():
-    assert prof.vllm_max_model_len(4096, 512) == 4736  # 4608 + 1 output token
-    assert prof.vllm_max_model_len(128, 6) == 256
-    assert prof.vllm_max_model_len(100, 27) == 128
+    assert profile_vllm.vllm_max_model_len(4096, 512) == 4736  # 4608 + 1 output token
+    assert profile_vllm.vllm_max_model_len(128, 6) == 256
+    assert profile_vllm.vllm_max_model_len(100, 27) == 128
 
 
 def test_tidar_query_tokens():
@@ -211,8 +212,8 @@ def test_hf_static_cache_rewinds_between_runs():
     """The timed forward reuses the same ctx..ctx+q-1 slots: many runs must not overflow."""
     import torch
 
-    model = prof.build_random_model("tiny-llama", torch.float32, "cpu")
-    pts = prof.time_hf(model, [8], [1], [1, 3], repeats=4, warmup=2, device="cpu")
+    model = profile_hf.build_random_model("tiny-llama", torch.float32, "cpu")
+    pts = profile_hf.time_hf(model, [8], [1], [1, 3], repeats=4, warmup=2, device="cpu")
     assert set(pts) == {(8, 1, 1), (8, 1, 3)} and all(len(p["samples_ms"]) == 4 for p in pts.values())
 
 

@@ -32,12 +32,13 @@ def test_small_budget_parity_with_reference_ar():
 
         def spy(input_ids, positions):
             out = orig(input_ids, positions)
-            if m._tidar_last is not None:
-                qsl, flags, prefilling = m._tidar_last
-                for i, f in enumerate(flags):
+            step = m.tidar_last_step()
+            if step is not None:
+                qsl = step.query_start_loc
+                for i, f in enumerate(step.tidar):
                     if f:
                         seen["tidar"] += 1
-                    elif not prefilling[i] and 1 < qsl[i + 1] - qsl[i] < 20:
+                    elif not step.prefilling[i] and 1 < qsl[i + 1] - qsl[i] < 20:
                         seen["other_decode"] += 1
             return out
 

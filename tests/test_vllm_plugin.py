@@ -44,19 +44,6 @@ def test_register_registers_architectures_and_config_hooks():
         assert MODELS_CONFIG_MAP[arch] is TiDARConfigHook
 
 
-@pytest.mark.parametrize("bl", [2, 4, 8])
-def test_num_spec_tokens_round_trip(bl):
-    from vllm_tidar.plugin.common import layout_from_num_spec, num_speculative_tokens
-
-    for k in range(1, bl):
-        layout = DecodeLayout(bl, k)
-        n = num_speculative_tokens(layout)
-        assert n == k + (k + 1) * bl
-        assert layout_from_num_spec(n, bl) == layout
-    with pytest.raises(TidarError):
-        layout_from_num_spec(bl * bl + bl, bl)  # K = bl is too many
-
-
 def _model_config(archs, tidar=None, **extra):
     hf = SimpleNamespace(architectures=archs, vocab_size=100, **extra)
     if tidar is not None:
@@ -166,14 +153,14 @@ class _FakeModel:
 
 
 def _proposer(bl=4, k=None):
-    from vllm_tidar.plugin.common import PROPOSER_PATH, num_speculative_tokens
+    from vllm_tidar.plugin.common import PROPOSER_PATH
     from vllm_tidar.plugin.proposer import TiDARProposer
 
     layout = DecodeLayout(bl, k)
     hf = SimpleNamespace(tidar=TidarSettings(bl, 1).to_dict(), vocab_size=1000)
     cfg = SimpleNamespace(
         speculative_config=SimpleNamespace(
-            method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=num_speculative_tokens(layout)
+            method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=layout.num_speculative_tokens
         ),
         model_config=SimpleNamespace(hf_config=hf, model="ckpt"),
     )
@@ -183,13 +170,13 @@ def _proposer(bl=4, k=None):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_proposer_picks_block_of_accepted_count(k):
     prop, layout = _proposer(4, k)
-    n_masks = layout.num_blocks * layout.block_len
-    rows = torch.arange(100, 100 + n_masks)  # mask-row argmax values, row r -> 100 + r
+    n_masks = layout.num_mask_slots
+    drafts = 100 + layout.next_draft_index  # the model's stash: row a = drafts after a acceptances
     for a in range(k + 1):
-        prop.load_model(_FakeModel({0: rows}))
+        prop.load_model(_FakeModel({0: drafts}))
         out = prop.propose([[5] * (a + 1), [], [7]], None, None)
         want_rows = layout.next_draft_rows(a)
-        want = [100 + r - layout.num_verify for r in range(want_rows.start, want_rows.stop)]
+        want = [100 + r for r in range(want_rows.start, want_rows.stop)]
         assert out[0] == want + [1] * n_masks
         assert len(out[0]) == layout.num_tokens - 1
         assert out[1] == []  # partial prefill chunk

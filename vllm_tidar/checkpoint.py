@@ -19,6 +19,8 @@ from .errors import TidarError
 from .layout import _check_block_len
 
 MASK_TOKEN = "<|mask|>"
+# the bundled demo checkpoint (committed; ``vllm-tidar build-demo`` rebuilds it)
+DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo"
 
 # model_type of the base family -> architecture name the vLLM plugin registers
 ARCHITECTURES = {

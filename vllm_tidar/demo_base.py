@@ -26,6 +26,8 @@ DEMO_MODEL = dict(
     tie_word_embeddings=True,
 )
 VOCAB_SIZE = 8192
+# TiDAR training of the base into vllm_tidar/checkpoints/demo (README, "How the demo was trained")
+DEMO_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=0.03, save_every=100)
 
 
 def stdlib_corpus() -> Path:

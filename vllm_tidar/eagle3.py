@@ -301,37 +301,3 @@ def train_eagle3(cfg: Eagle3Config, progress: bool = True) -> dict:
     }
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def main_args(args) -> None:
-    cfg = Eagle3Config(
-        verifier=args.verifier, data=args.data, out=args.out,
-        layer_ids=args.layer_ids, draft_vocab_size=args.draft_vocab_size, ttt_steps=args.ttt_steps,
-        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-        seed=args.seed, max_minutes=args.max_minutes, verifier_name=args.verifier_name,
-    )
-    s = train_eagle3(cfg)
-    f = s["final"] or {}
-    print(f"saved {cfg.out}: {s['steps']} steps, {s['tokens']} tokens, {s['wall_s']} s; "
-          f"final loss {f.get('loss', float('nan')):.3f}, train acceptance length {f.get('accept_len', float('nan')):.2f}")
-
-
-def add_parser(sub) -> None:
-    from .cli import _ints
-
-    e = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head (speculators format) for a Llama verifier")
-    e.add_argument("--verifier", required=True, help="verifier checkpoint folder (Llama; TiDAR checkpoints work)")
-    e.add_argument("--data", required=True, help="folder of text files or a .jsonl with a 'text' field")
-    e.add_argument("--out", required=True)
-    e.add_argument("--layer-ids", type=_ints, default=None, help="aux hidden-state layers (HF indices), e.g. 1,3,5")
-    e.add_argument("--draft-vocab-size", type=int, default=None, help="default: vocab/4 (most frequent tokens)")
-    e.add_argument("--ttt-steps", type=int, default=3)
-    e.add_argument("--seq-len", type=int, default=256)
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--steps", type=int, default=1200)
-    e.add_argument("--lr", type=float, default=3e-3)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; saves what it has when spent")
-    e.add_argument("--verifier-name", default=None,
-                   help="name_or_path recorded for the verifier in config.json (default: --verifier)")
-    e.set_defaults(fn=main_args)

@@ -30,10 +30,21 @@ from functools import cached_property
 
 import torch
 
+from .errors import TidarError
+
 
 def _check_block_len(block_len: int) -> None:
     if not isinstance(block_len, int) or block_len < 2:
         raise ValueError(f"TiDAR block length must be an integer >= 2, got {block_len!r}")
+
+
+def check_num_drafts(num_drafts, block_len: int, what: str = "num_drafts") -> int:
+    """``num_drafts`` (K) if it is an integer in ``1..block_len-1``, else ``TidarError``
+    (``what`` names the setting in the message)."""
+    k = num_drafts
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= block_len - 1:
+        raise TidarError(f"{what} must be between 1 and {block_len - 1} (block length {block_len}), got {k!r}")
+    return k
 
 
 @dataclass(frozen=True)
@@ -50,11 +61,18 @@ class DecodeLayout:
     def __post_init__(self) -> None:
         _check_block_len(self.block_len)
         k = self.block_len - 1 if self.num_drafts is None else self.num_drafts
-        if not isinstance(k, int) or not 1 <= k <= self.block_len - 1:
-            raise ValueError(
-                f"num_drafts must be between 1 and block_len-1={self.block_len - 1}, got {k!r}"
+        object.__setattr__(self, "num_drafts", check_num_drafts(k, self.block_len))
+
+    @classmethod
+    def from_num_speculative_tokens(cls, num_spec: int, block_len: int) -> "DecodeLayout":
+        """Invert ``num_speculative_tokens``: N = K + (K+1)*Bl  ->  K = (N - Bl) / (Bl + 1)."""
+        k, rem = divmod(num_spec - block_len, block_len + 1)
+        if rem or not 1 <= k <= block_len - 1:
+            raise TidarError(
+                f"num_speculative_tokens={num_spec} is not K + (K+1)*{block_len} for any "
+                f"K in 1..{block_len - 1} (block length {block_len})"
             )
-        object.__setattr__(self, "num_drafts", k)
+        return cls(block_len, k)
 
     # --- sizes -------------------------------------------------------------------------
     @property
@@ -68,9 +86,19 @@ class DecodeLayout:
         return self.num_drafts + 1
 
     @property
+    def num_mask_slots(self) -> int:
+        """MASK tokens per step: (K+1) blocks of block_len."""
+        return self.num_blocks * self.block_len
+
+    @property
     def num_tokens(self) -> int:
         """L, query tokens per step: (K+1)(1+block_len); block_len(1+block_len) for full K."""
-        return self.num_verify + self.num_blocks * self.block_len
+        return self.num_verify + self.num_mask_slots
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """What vLLM schedules as draft tokens per step: K drafts plus the mask slots (L - 1)."""
+        return self.num_tokens - 1
 
     # --- row indices ---------------------------------------------------------------------
     def block_start(self, j: int) -> int:
@@ -85,6 +113,13 @@ class DecodeLayout:
         """Rows whose predictions are the next step's K drafts after ``a`` acceptances."""
         start = self.block_start(a) + 1
         return slice(start, start + self.num_drafts)
+
+    @cached_property
+    def next_draft_index(self) -> torch.Tensor:
+        """(K+1, K) long: row ``a`` holds the rows of ``next_draft_rows(a)``, so one gather of
+        a step's per-row predictions gives the next drafts for every acceptance count."""
+        starts = torch.tensor([self.next_draft_rows(a).start for a in range(self.num_blocks)])
+        return starts[:, None] + torch.arange(self.num_drafts)
 
     @staticmethod
     def num_kept(a: int) -> int:
@@ -132,7 +167,7 @@ class DecodeLayout:
     def input_ids(self, x_last: torch.Tensor, drafts: torch.Tensor, mask_token_id: int) -> torch.Tensor:
         """Token ids of one step; ``x_last`` shape (..., 1), ``drafts`` (..., K)."""
         masks = torch.full(
-            (*drafts.shape[:-1], self.num_blocks * self.block_len),
+            (*drafts.shape[:-1], self.num_mask_slots),
             mask_token_id,
             dtype=drafts.dtype,
             device=drafts.device,

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from vllm_tidar.checkpoint import load_tidar
-from vllm_tidar.cli import DEMO_CHECKPOINT
+from vllm_tidar.checkpoint import DEMO_CHECKPOINT, load_tidar
 from vllm_tidar.reference import ReferenceDecoder
 from vllm_tidar.tokens_per_forward import humaneval_prompts
 

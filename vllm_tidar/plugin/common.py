@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..checkpoint import TidarSettings
-from ..errors import TidarError
 from ..layout import DecodeLayout
 
 PROPOSER_PATH = "vllm_tidar.plugin.proposer.TiDARProposer"
@@ -22,22 +21,6 @@ BASE_ARCHITECTURES = {
 }
 
 
-def num_speculative_tokens(layout: DecodeLayout) -> int:
-    """vLLM's spec-token count for a layout: K drafts plus (K+1)*block_len mask slots."""
-    return layout.num_tokens - 1
-
-
-def layout_from_num_spec(num_spec: int, block_len: int) -> DecodeLayout:
-    """Invert ``num_speculative_tokens``: N = K + (K+1)*Bl  ->  K = (N - Bl) / (Bl + 1)."""
-    k, rem = divmod(num_spec - block_len, block_len + 1)
-    if rem or not 1 <= k <= block_len - 1:
-        raise TidarError(
-            f"num_speculative_tokens={num_spec} is not K + (K+1)*{block_len} for any "
-            f"K in 1..{block_len - 1} (block length {block_len})"
-        )
-    return DecodeLayout(block_len, k)
-
-
 def is_tidar_proposer(spec_config) -> bool:
     return (
         spec_config is not None
@@ -51,7 +34,7 @@ def tidar_drafts_and_mask(spec_config, hf_config) -> tuple[int, int] | None:
     if not is_tidar_proposer(spec_config):
         return None
     settings = TidarSettings.from_hf_config(hf_config)
-    layout = layout_from_num_spec(spec_config.num_speculative_tokens, settings.block_length)
+    layout = DecodeLayout.from_num_speculative_tokens(spec_config.num_speculative_tokens, settings.block_length)
     return layout.num_drafts, settings.mask_token_id
 
 

@@ -9,8 +9,8 @@ import logging
 
 from ..checkpoint import TidarSettings
 from ..errors import TidarError
-from ..layout import DecodeLayout
-from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, layout_from_num_spec, num_speculative_tokens
+from ..layout import DecodeLayout, check_num_drafts
+from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer
 from .cpu_threads import default_thread_binding
 
 logger = logging.getLogger(__name__)
@@ -47,20 +47,16 @@ def tidar_speculative_config(spec: dict | None, model_config) -> dict | None:
         if not is_tidar:
             raise TidarError(f"the TiDAR proposer needs a TiDAR checkpoint, but {name} is not one")
         settings = TidarSettings.from_hf_config(hf_config, source=name)
-        layout_from_num_spec(int(spec.get("num_speculative_tokens", 0)), settings.block_length)
+        DecodeLayout.from_num_speculative_tokens(int(spec.get("num_speculative_tokens", 0)), settings.block_length)
     return spec
 
 
 def tidar_spec_dict(settings: TidarSettings, num_drafts, name: str = "checkpoint") -> dict:
     bl = settings.block_length
     k = bl - 1 if num_drafts is None else num_drafts
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bl - 1:
-        raise TidarError(
-            f"TiDAR num_speculative_tokens (drafts per step) must be between 1 and {bl - 1} for {name} "
-            f"(block length {bl}), got {k!r}"
-        )
+    check_num_drafts(k, bl, what=f"TiDAR num_speculative_tokens (drafts per step) for {name}")
     layout = DecodeLayout(bl, k)
-    return {"method": "custom_class", "model": PROPOSER_PATH, "num_speculative_tokens": num_speculative_tokens(layout)}
+    return {"method": "custom_class", "model": PROPOSER_PATH, "num_speculative_tokens": layout.num_speculative_tokens}
 
 
 def check_pipeline_parallel(vllm_config) -> None:
@@ -96,7 +92,7 @@ class TiDARConfigHook:
         if not is_tidar_proposer(spec):
             return
         settings = TidarSettings.from_hf_config(vllm_config.model_config.hf_config, source=vllm_config.model_config.model)
-        layout = layout_from_num_spec(spec.num_speculative_tokens, settings.block_length)
+        layout = DecodeLayout.from_num_speculative_tokens(spec.num_speculative_tokens, settings.block_length)
         sched = vllm_config.scheduler_config
         big_l = layout.num_tokens
         budget = sched.max_num_batched_tokens

@@ -11,14 +11,17 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   attention backend applies the layout's template instead of a causal mask;
 * in ``compute_logits`` (optionally mixes the bonus-mask logits in with ``beta``),
   sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted, and
-  stashes the argmax of every mask row: the proposer picks the block that matches
-  the number of accepted drafts (no second model pass).
+  stashes, per request, the next drafts for every acceptance count (a ``(K+1, K)``
+  argmax over ``layout.next_draft_index``): the proposer picks row ``a`` (no second
+  model pass).
 
 Prefills, partial prefills and degraded steps (fewer than L tokens scheduled, e.g.
 near max_model_len or under token-budget pressure) run plain causal attention.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -31,9 +34,9 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from ..checkpoint import TidarSettings
-from ..layout import StepMask
+from ..layout import DecodeLayout, StepMask
 from .attention import TiDARCPUBackend
-from .common import is_tidar_proposer, layout_from_num_spec
+from .common import is_tidar_proposer
 
 logger = init_logger(__name__)
 
@@ -59,6 +62,15 @@ def _tidar_attention_backend(device: torch.device):
     return TiDARCPUBackend
 
 
+@dataclass(frozen=True)
+class TiDARStep:
+    """What the model's step detection saw in its last forward, per request in batch order."""
+
+    query_start_loc: list[int]  # host copy, num_reqs + 1 entries
+    tidar: list[bool]  # request ran a full TiDAR step (template attention, drafts stashed)
+    prefilling: list[bool]
+
+
 class _TiDARMixin:
     """Adds TiDAR steps to a vLLM causal LM. Call ``_tidar_setup`` after ``__init__``."""
 
@@ -69,7 +81,9 @@ class _TiDARMixin:
         spec = vllm_config.speculative_config
         self.tidar_layout = None
         if is_tidar_proposer(spec):
-            self.tidar_layout = layout_from_num_spec(spec.num_speculative_tokens, self.tidar_settings.block_length)
+            self.tidar_layout = DecodeLayout.from_num_speculative_tokens(
+                spec.num_speculative_tokens, self.tidar_settings.block_length
+            )
         device = torch.device(vllm_config.device_config.device)
         backend = _tidar_attention_backend(device)
         if self.tidar_layout is not None:
@@ -82,6 +96,7 @@ class _TiDARMixin:
             self._tidar_bonus_rows = torch.tensor(
                 [self.tidar_layout.bonus_mask_row(i) for i in range(self.tidar_layout.num_verify)], device=device
             )
+            self._tidar_draft_index = self.tidar_layout.next_draft_index.to(device)
         # every attention layer runs through the TiDAR backend (plain AR mode too, so
         # both modes share one attention implementation)
         n = 0
@@ -103,7 +118,7 @@ class _TiDARMixin:
                     getattr(module, "kv_sharing_target_layer_name", None),
                 )
                 n += 1
-        self._tidar_last = None  # (query_start_loc, tidar flags, prefilling flags) of the last forward
+        self._tidar_last: TiDARStep | None = None
         self._tidar_drafts: dict[int, torch.Tensor] | None = None
         logger.info(
             "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on %s)",
@@ -149,8 +164,12 @@ class _TiDARMixin:
                 positions = new_pos
         for m in mds.values():
             m.set_tidar_steps(flags, self._tidar_step_mask if layout is not None else None)
-        self._tidar_last = (qsl, flags, prefilling)
+        self._tidar_last = TiDARStep(qsl, flags, prefilling)
         return positions
+
+    def tidar_last_step(self) -> TiDARStep | None:
+        """Step detection of the last forward (None when it had no TiDAR attention metadata)."""
+        return self._tidar_last
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         positions = self._tidar_prepare(input_ids, positions)
@@ -162,37 +181,39 @@ class _TiDARMixin:
         if logits is None:
             return logits
         layout, last = self.tidar_layout, self._tidar_last
-        self._tidar_last = None
-        drafts: dict[int, torch.Tensor] = {}
+        tidar_rows: list[tuple[int, int]] = []  # (batch row, first logits row) of full TiDAR requests
         if layout is not None and last is not None:
-            qsl, flags, prefilling = last
             # logits rows per request: every scheduled row for a request that was given
             # drafts (TiDAR or degraded decode step), one row otherwise
             counts = []
-            for i, is_tidar in enumerate(flags):
-                q = qsl[i + 1] - qsl[i]
-                counts.append(q if is_tidar or (not prefilling[i] and q > 1) else 1)
+            for i, is_tidar in enumerate(last.tidar):
+                q = last.query_start_loc[i + 1] - last.query_start_loc[i]
+                counts.append(q if is_tidar or (not last.prefilling[i] and q > 1) else 1)
             if sum(counts) == logits.shape[0]:
-                beta = self.tidar_settings.beta
                 off = 0
                 for i, q in enumerate(counts):
-                    if flags[i]:
-                        rows = logits[off : off + q]
-                        if beta != 1.0:
-                            verify = rows[: layout.num_verify]
-                            rows[: layout.num_verify] = beta * verify + (1.0 - beta) * rows[self._tidar_bonus_rows]
-                        masks = rows[layout.num_verify :]
-                        masks[:, self.tidar_mask_id] = -torch.inf
-                        drafts[i] = masks.argmax(-1)
+                    if last.tidar[i]:
+                        tidar_rows.append((i, off))
                     off += q
             else:  # e.g. a preempted request recomputing its output: skip drafting once
                 logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
+        beta = self.tidar_settings.beta
+        if beta != 1.0:
+            for _, off in tidar_rows:
+                verify = logits[off : off + layout.num_verify]
+                logits[off : off + layout.num_verify] = beta * verify + (1.0 - beta) * logits[off + self._tidar_bonus_rows]
         logits[:, self.tidar_mask_id] = -torch.inf
+        drafts: dict[int, torch.Tensor] = {}
+        if tidar_rows:
+            offs = torch.tensor([off for _, off in tidar_rows], device=logits.device)
+            cut = logits[offs[:, None, None] + self._tidar_draft_index].argmax(-1)  # (requests, K+1, K)
+            drafts = {i: cut[n] for n, (i, _) in enumerate(tidar_rows)}
         self._tidar_drafts = drafts
         return logits
 
     def take_tidar_drafts(self) -> dict[int, torch.Tensor]:
-        """Argmax of the mask rows of the last step's full TiDAR requests, by batch row."""
+        """Next drafts of the last step's full TiDAR requests, by batch row: a ``(K+1, K)``
+        tensor whose row ``a`` holds the K drafts for ``a`` accepted drafts."""
         d, self._tidar_drafts = self._tidar_drafts, None
         return d or {}
 

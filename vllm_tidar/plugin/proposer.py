@@ -4,8 +4,9 @@ vLLM sees ``num_speculative_tokens = K + (K+1)*block_len`` draft tokens per requ
 a decode step schedules ``L`` tokens: ``[x_last, d1..dK, MASK * (K+1)*block_len]``.
 vLLM's rejection sampler verifies ``d1..dK`` (MASK drafts are always rejected because
 the model sets their logit to -inf), then this proposer returns, for each request,
-the argmax of mask block ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``), rows
-``layout.next_draft_rows(a)``, stashed by the model in the same forward. Requests that
+row ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``) of the ``(K+1, K)`` next-draft
+tensor the model stashed in the same forward (the argmax of ``layout.next_draft_rows(a)``)
+followed by the mask slots. Requests that
 did not run a full TiDAR step (first step after prefill, degraded steps) get all-MASK
 drafts: they are rejected and the next step's block 0 supplies real drafts. Such steps
 are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
@@ -14,7 +15,7 @@ are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
 from __future__ import annotations
 
 from ..checkpoint import TidarSettings
-from .common import layout_from_num_spec
+from ..layout import DecodeLayout
 
 
 class TiDARProposer:
@@ -23,11 +24,11 @@ class TiDARProposer:
         self.settings = TidarSettings.from_hf_config(
             vllm_config.model_config.hf_config, source=vllm_config.model_config.model
         )
-        self.layout = layout_from_num_spec(spec.num_speculative_tokens, self.settings.block_length)
+        self.layout = DecodeLayout.from_num_speculative_tokens(spec.num_speculative_tokens, self.settings.block_length)
         self.mask_id = self.settings.mask_token_id
         self.num_spec = spec.num_speculative_tokens
         self.model = None
-        self._mask_tail = [self.mask_id] * (self.layout.num_blocks * self.layout.block_len)
+        self._mask_tail = [self.mask_id] * self.layout.num_mask_slots
         self._all_mask = [self.mask_id] * self.num_spec
 
     def load_model(self, target_model) -> None:
@@ -44,11 +45,10 @@ class TiDARProposer:
             if not toks:  # partial prefill chunk: nothing sampled, no drafts
                 out.append([])
                 continue
-            rows = stash.get(i)
+            drafts = stash.get(i)
             a = len(toks) - 1
-            if rows is None or a > layout.num_drafts:
+            if drafts is None or a > layout.num_drafts:
                 out.append(list(self._all_mask))
                 continue
-            start = layout.next_draft_rows(a).start - layout.num_verify
-            out.append(rows[start : start + layout.num_drafts].tolist() + self._mask_tail)
+            out.append(drafts[a].tolist() + self._mask_tail)
         return out

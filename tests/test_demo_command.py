@@ -1,0 +1,42 @@
+"""``vllm-tidar demo`` end to end: AR and TiDAR engines in vLLM on a tiny checkpoint, the
+comparison table, the output-identity line and the serve command to run next."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vllm_helpers import tiny_checkpoint
+
+from vllm_tidar.demo import DEMO_PROMPTS, serve_command
+
+
+def test_serve_command():
+    assert serve_command("ckpt") == "vllm-tidar serve ckpt --enforce-eager"
+    assert serve_command("ckpt", 2) == (
+        """vllm-tidar serve ckpt --enforce-eager --speculative-config '{"method": "tidar", "num_speculative_tokens": 2}'"""
+    )
+
+
+@pytest.mark.slow
+def test_demo_runs_ar_and_tidar_in_vllm():
+    ckpt = tiny_checkpoint(block_length=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_tidar.cli", "demo", "--checkpoint", str(ckpt), "--max-tokens", "12"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "in vLLM through the TiDAR plugin" in out and "block length 4, TiDAR K=3 (20 query tokens per step)" in out
+    lines = out.splitlines()
+    header = lines.index("| mode | tokens | tokens/s | speedup | tokens/forward | acceptance per draft position |")
+    ar, tidar = (line.split(" | ") for line in lines[header + 2 : header + 4])
+    n = len(DEMO_PROMPTS)
+    assert ar[0] == "| AR" and ar[1] == str(12 * n) and ar[3] == "1.00x" and ar[4] == "1.00"
+    assert tidar[0] == "| TiDAR K=3" and tidar[1] == str(12 * n)
+    assert float(tidar[4]) >= 1.0 and len(tidar[5].rstrip(" |").split()) == 3  # one rate per draft position
+    assert f"TiDAR output identical to AR: True ({n}/{n} prompts)" in out
+    assert lines[-1].strip() == f"vllm-tidar serve {ckpt} --enforce-eager"
+    assert "TiDAR generate" in proc.stderr  # the progress bar's last stage
