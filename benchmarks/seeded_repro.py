@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+from vllm_tidar.checkpoint import DEMO_CHECKPOINT
+
 from .bench import machine_name
 
 NUM_REQUESTS, NUM_RESENT, MAX_TOKENS = 12, 6, 96
@@ -84,7 +86,7 @@ def measure(checkpoint, engine_kwargs: dict, kv_blocks: int | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vllm_tidar.benchmarks.seeded_repro", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"))
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

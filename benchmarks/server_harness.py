@@ -132,6 +132,7 @@ class Server:
             pass
         self.proc.wait(timeout=10)
         self.log.close()
+        os.unlink(self.log.name)
 
     def __enter__(self) -> "Server":
         return self

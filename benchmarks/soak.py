@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.layout import DecodeLayout
 
 from .server_harness import Server, prometheus_samples, prometheus_value, vllm_tidar_cli
@@ -45,10 +46,6 @@ GREEDY_PROMPTS = [
     "class Stack:\n    def __init__(self):\n",
     "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
 ]
-
-
-def _demo_checkpoint() -> Path:
-    return Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
 
 
 def server_args(max_model_len: int, k: int | None, extra: list[str] | None = None) -> list[str]:
@@ -166,9 +163,11 @@ def sigterm_under_load(server: Server, model: str, concurrent: int = 8, wait: fl
 
     def one(i: int) -> None:
         try:
-            results.append(post_json(server.base, "/v1/completions", {
+            status, body = post_json(server.base, "/v1/completions", {
                 "model": model, "prompt": GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)], "max_tokens": 256,
-                "temperature": 0, "ignore_eos": True}, timeout=wait)[0])  # fmt: skip
+                "temperature": 0, "ignore_eos": True}, timeout=wait)  # fmt: skip
+            choice = (body.get("choices") or [{}])[0]
+            results.append(f"{status} finish_reason={choice.get('finish_reason')}" if status == 200 else str(status))
         except Exception as e:  # the server goes away mid-request: expected here
             results.append(type(e).__name__)
 
@@ -204,7 +203,8 @@ def _alive(pid: int) -> bool:
 def bench_clients(server: Server, checkpoint, model: str, num_prompts: int, request_rate: float, out: Path,
                   tag: str, output_len: int, seed: int = 0) -> list[dict]:
     """Two concurrent ``vllm bench serve`` runs (greedy random + sampled ShareGPT-like, outputs
-    of about ``output_len`` tokens, ShareGPT-like ones up to 2x); their result JSONs."""
+    of about ``output_len`` tokens, ShareGPT-like ones up to 2x); their result JSONs. Files are
+    named ``soak_<tag>_<client>``."""
     data = sharegpt_like_file(checkpoint, num_prompts, out / f"soak_{tag}_sharegpt_like.json", seed=seed,
                               median_output=output_len, max_output=2 * output_len)
     common = ["--backend", "vllm", "--base-url", server.base, "--endpoint", "/v1/completions", "--model", model,
@@ -250,14 +250,22 @@ def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, 
         model = server.model_id()
         report["greedy_identical_before"] = sum(a == b for a, b in zip(greedy_token_ids(server, model, GREEDY_PROMPTS, greedy_tokens), want))
         idle = server.wait_idle()
-        report["rss_start_mib"] = server.rss_bytes() / 2**20
+        report["rss_mib"] = [server.rss_bytes() / 2**20]  # start, then after each load phase (idle)
         before = server.metrics()
         t0 = time.monotonic()
-        report["clients"] = bench_clients(server, checkpoint, model, num_prompts, request_rate, out, tag, output_len)
+        # two equal phases: memory after the second against after the first separates a leak
+        # from the warm-up to the working set of this load
+        report["clients"] = []
+        for phase in (1, 2):
+            n = num_prompts // 2 if phase == 1 else num_prompts - num_prompts // 2
+            for c in bench_clients(server, checkpoint, model, n, request_rate, out, f"{tag}_phase{phase}", output_len,
+                                   seed=phase):
+                c["name"] = f"{c['name']} (phase {phase})"
+                report["clients"].append(c)
+            after_idle = server.wait_idle()
+            report["rss_mib"].append(server.rss_bytes() / 2**20)
         report["load_s"] = time.monotonic() - t0
-        after_idle = server.wait_idle()
         after = server.metrics()
-        report["rss_end_mib"] = server.rss_bytes() / 2**20
         c0, c1 = spec_counters(before), spec_counters(after)
         report["spec_decode"] = {c: c1[c] - c0[c] for c in SPEC_COUNTERS}
         per0, per1 = accepted_per_position(before), accepted_per_position(after)
@@ -296,7 +304,8 @@ def write_report(report: dict, out: Path, tag: str, header: str) -> Path:
         f"(= K x steps: {sd['num_draft_tokens'] == (report['k'] or 0) * sd['num_drafts']}), {sd['num_accepted_tokens']:.0f} accepted, "
         f"mean acceptance length {1 + sd['num_accepted_tokens'] / drafts:.2f}, per position "
         + " ".join(f"{a / drafts:.2f}" for a in sd["accepted_per_position"]),
-        f"- server resident memory (process tree): {report['rss_start_mib']:.0f} MiB at start, {report['rss_end_mib']:.0f} MiB at the end",
+        "- server resident memory (process tree, idle): " + ", ".join(
+            f"{m:.0f} MiB {when}" for m, when in zip(report["rss_mib"], ("at start", "after phase 1", "after phase 2"))),
         f"- greedy == plain AR (reference decoder): {report['greedy_identical_before']}/{report['greedy_prompts']} before, "
         f"{report['greedy_identical_after']}/{report['greedy_prompts']} after",
         f"- idle after load: {report['idle_after_load']}",
@@ -312,7 +321,7 @@ def write_report(report: dict, out: Path, tag: str, header: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vllm-tidar soak", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=str(_demo_checkpoint()))
+    p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=8.0, help="requests/s over both clients (Poisson)")
     p.add_argument("--max-num-seqs", type=int, default=32)

