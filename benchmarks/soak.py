@@ -8,9 +8,10 @@ What one run does (the demo checkpoint by default, TiDAR on, fp32, ``--max-model
 2. runs two ``vllm bench serve`` clients at once, so greedy and sampled requests share the
    batches: half the requests from vLLM's ``random`` dataset at temperature 0, half from a
    ShareGPT-format file of stdlib text with ShareGPT-like (log-normal) prompt and output
-   lengths at temperature 0.8 / top-p 0.95; Poisson arrivals at ``--request-rate``;
-3. reads the spec-decode counters, waits for the server to go idle, records memory again
-   and re-checks greedy parity;
+   lengths at temperature 0.8 / top-p 0.95; Poisson arrivals at ``--request-rate``; in two
+   equal phases, memory recorded when the server is idle after each (a leak shows as growth
+   in the second phase; the first also warms up to the load's working set);
+3. reads the spec-decode counters and re-checks greedy parity;
 4. aborts ``--aborts`` streaming requests mid-stream (client closes the socket) and checks
    that running / waiting return to 0 and KV usage to its idle value;
 5. sends SIGTERM while requests are in flight and checks the whole process tree is gone
@@ -40,7 +41,7 @@ from vllm_tidar.layout import DecodeLayout
 from .server_harness import Server, prometheus_samples, prometheus_value, vllm_tidar_cli
 
 SPEC_COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
-GREEDY_PROMPTS = [
+GREEDY_PROMPTS = [  # the parity probe before and after the load
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "import os\n\n\ndef list_python_files(root):\n",
     "class Stack:\n    def __init__(self):\n",
