@@ -93,17 +93,24 @@ class Server:
         except psutil.NoSuchProcess:
             return []
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the whole process tree."""
+    def rss_by_process(self) -> dict[str, int]:
+        """Resident memory in bytes of each process of the tree, by ``title:pid`` (vLLM sets
+        process titles such as ``VLLM::EngineCore``)."""
         import psutil
 
-        total = 0
+        out = {}
         for pid in self.pids():
             try:
-                total += psutil.Process(pid).memory_info().rss
+                p = psutil.Process(pid)
+                title = (p.cmdline() or [p.name()])[0].rsplit("/", 1)[-1]
+                out[f"{title}:{pid}"] = p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
-        return total
+        return out
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the whole process tree."""
+        return sum(self.rss_by_process().values())
 
     def wait_idle(self, timeout: float = 60.0) -> dict[str, float]:
         """Poll ``/metrics`` until no request is running or waiting; the gauges at that point."""

@@ -8,9 +8,9 @@ What one run does (the demo checkpoint by default, TiDAR on, fp32, ``--max-model
 2. runs two ``vllm bench serve`` clients at once, so greedy and sampled requests share the
    batches: half the requests from vLLM's ``random`` dataset at temperature 0, half from a
    ShareGPT-format file of stdlib text with ShareGPT-like (log-normal) prompt and output
-   lengths at temperature 0.8 / top-p 0.95; Poisson arrivals at ``--request-rate``; in two
-   equal phases, memory recorded when the server is idle after each (a leak shows as growth
-   in the second phase; the first also warms up to the load's working set);
+   lengths at temperature 0.8 / top-p 0.95; Poisson arrivals at ``--request-rate``; in
+   ``--phases`` equal phases, memory recorded when the server is idle after each (a leak shows
+   as growth in later phases; the first also warms up to the load's working set);
 3. reads the spec-decode counters and re-checks greedy parity;
 4. aborts ``--aborts`` streaming requests mid-stream (client closes the socket) and checks
    that running / waiting return to 0 and KV usage to its idle value;
@@ -237,7 +237,8 @@ def bench_clients(server: Server, checkpoint, model: str, num_prompts: int, requ
 
 
 def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, aborts: int, k: int | None,
-        output_len: int = 96, max_model_len: int = 1024, greedy_tokens: int = 32, max_num_seqs: int = 32) -> dict:
+        output_len: int = 96, max_model_len: int = 1024, greedy_tokens: int = 32, max_num_seqs: int = 32,
+        phases: int = 2) -> dict:
     from vllm_tidar.checkpoint import read_settings
 
     out.mkdir(parents=True, exist_ok=True)
@@ -245,26 +246,28 @@ def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, 
         k = DecodeLayout(read_settings(checkpoint).block_length).num_drafts
     want = ar_reference(checkpoint, GREEDY_PROMPTS, greedy_tokens)
     report: dict = {"checkpoint": str(checkpoint), "num_prompts": num_prompts, "request_rate": request_rate,
-                    "max_num_seqs": max_num_seqs, "k": k, "output_len": output_len}
+                    "max_num_seqs": max_num_seqs, "k": k, "output_len": output_len, "phases": phases}
     with Server(checkpoint, server_args(max_model_len, k, ["--max-num-seqs", str(max_num_seqs)])) as server:
         server.wait_healthy()
         model = server.model_id()
         report["greedy_identical_before"] = sum(a == b for a, b in zip(greedy_token_ids(server, model, GREEDY_PROMPTS, greedy_tokens), want))
         idle = server.wait_idle()
         report["rss_mib"] = [server.rss_bytes() / 2**20]  # start, then after each load phase (idle)
+        report["rss_by_process_mib"] = [_mib(server.rss_by_process())]
         before = server.metrics()
         t0 = time.monotonic()
-        # two equal phases: memory after the second against after the first separates a leak
-        # from the warm-up to the working set of this load
+        # equal phases: memory after a later phase against after the first separates a leak from
+        # the warm-up to the working set of this load
         report["clients"] = []
-        for phase in (1, 2):
-            n = num_prompts // 2 if phase == 1 else num_prompts - num_prompts // 2
+        for phase in range(1, phases + 1):
+            n = num_prompts // phases + (1 if phase <= num_prompts % phases else 0)
             for c in bench_clients(server, checkpoint, model, n, request_rate, out, f"{tag}_phase{phase}", output_len,
                                    seed=phase):
                 c["name"] = f"{c['name']} (phase {phase})"
                 report["clients"].append(c)
             after_idle = server.wait_idle()
             report["rss_mib"].append(server.rss_bytes() / 2**20)
+            report["rss_by_process_mib"].append(_mib(server.rss_by_process()))
         report["load_s"] = time.monotonic() - t0
         after = server.metrics()
         c0, c1 = spec_counters(before), spec_counters(after)
@@ -281,6 +284,10 @@ def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, 
     report["errors"] = sum(c["failed"] for c in report["clients"])
     report["completed"] = sum(c["completed"] for c in report["clients"])
     return report
+
+
+def _mib(by_process: dict[str, int]) -> dict[str, float]:
+    return {name: round(b / 2**20, 1) for name, b in by_process.items()}
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -306,7 +313,10 @@ def write_report(report: dict, out: Path, tag: str, header: str) -> Path:
         f"mean acceptance length {1 + sd['num_accepted_tokens'] / drafts:.2f}, per position "
         + " ".join(f"{a / drafts:.2f}" for a in sd["accepted_per_position"]),
         "- server resident memory (process tree, idle): " + ", ".join(
-            f"{m:.0f} MiB {when}" for m, when in zip(report["rss_mib"], ("at start", "after phase 1", "after phase 2"))),
+            f"{m:.0f} MiB " + ("at start" if i == 0 else f"after phase {i}") for i, m in enumerate(report["rss_mib"])),
+        "- by process (MiB, same points): " + "; ".join(
+            f"{name.split(':')[0]} " + " / ".join(f"{snap.get(name, 0):.0f}" for snap in report["rss_by_process_mib"])
+            for name in report["rss_by_process_mib"][0]),
         f"- greedy == plain AR (reference decoder): {report['greedy_identical_before']}/{report['greedy_prompts']} before, "
         f"{report['greedy_identical_after']}/{report['greedy_prompts']} after",
         f"- idle after load: {report['idle_after_load']}",
@@ -329,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=96, help="random requests' output tokens; ShareGPT-like median")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="TiDAR K (default: the checkpoint's Bl-1)")
     p.add_argument("--aborts", type=int, default=50)
+    p.add_argument("--phases", type=int, default=2, help="equal load phases, memory recorded after each")
     p.add_argument("--out", default="soak_out")
     p.add_argument("--tag", default="cpu")
     args = p.parse_args(argv)
@@ -337,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     load_start = os.getloadavg()[0]
     report = run(args.checkpoint, args.num_prompts, args.request_rate, out, args.tag, args.aborts,
-                 args.num_speculative_tokens, output_len=args.output_len, max_num_seqs=args.max_num_seqs)
+                 args.num_speculative_tokens, output_len=args.output_len, max_num_seqs=args.max_num_seqs,
+                 phases=args.phases)
     command = " ".join(["vllm-tidar soak", *(argv if argv is not None else [])])
     header = (f"Machine: {machine_name()}; command `{command}`; load average {load_start:.2f} at start, "
               f"{os.getloadavg()[0]:.2f} at the end.")
