@@ -108,10 +108,6 @@ class Server:
                 pass
         return out
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the whole process tree."""
-        return sum(self.rss_by_process().values())
-
     def wait_idle(self, timeout: float = 60.0) -> dict[str, float]:
         """Poll ``/metrics`` until no request is running or waiting; the gauges at that point."""
         deadline = time.monotonic() + timeout

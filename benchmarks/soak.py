@@ -252,8 +252,8 @@ def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, 
         model = server.model_id()
         report["greedy_identical_before"] = sum(a == b for a, b in zip(greedy_token_ids(server, model, GREEDY_PROMPTS, greedy_tokens), want))
         idle = server.wait_idle()
-        report["rss_mib"] = [server.rss_bytes() / 2**20]  # start, then after each load phase (idle)
-        report["rss_by_process_mib"] = [_mib(server.rss_by_process())]
+        report["rss_mib"], report["rss_by_process_mib"] = [], []  # idle at start, then after each load phase
+        _record_memory(report, server)
         before = server.metrics()
         t0 = time.monotonic()
         # equal phases: memory after a later phase against after the first separates a leak from
@@ -266,8 +266,7 @@ def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, 
                 c["name"] = f"{c['name']} (phase {phase})"
                 report["clients"].append(c)
             after_idle = server.wait_idle()
-            report["rss_mib"].append(server.rss_bytes() / 2**20)
-            report["rss_by_process_mib"].append(_mib(server.rss_by_process()))
+            _record_memory(report, server)
         report["load_s"] = time.monotonic() - t0
         after = server.metrics()
         c0, c1 = spec_counters(before), spec_counters(after)
@@ -286,8 +285,11 @@ def run(checkpoint, num_prompts: int, request_rate: float, out: Path, tag: str, 
     return report
 
 
-def _mib(by_process: dict[str, int]) -> dict[str, float]:
-    return {name: round(b / 2**20, 1) for name, b in by_process.items()}
+def _record_memory(report: dict, server: Server) -> None:
+    """Append one snapshot of the server's resident memory: the tree's total and per process (MiB)."""
+    by_process = server.rss_by_process()
+    report["rss_mib"].append(sum(by_process.values()) / 2**20)
+    report["rss_by_process_mib"].append({name: round(b / 2**20, 1) for name, b in by_process.items()})
 
 
 # --- report ---------------------------------------------------------------------------------
