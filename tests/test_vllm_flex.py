@@ -77,7 +77,7 @@ def test_vllm_flex_metadata_mask(device):
     dense = grid(_tidar_mask_mod(md, batch), batch.num_tokens, NUM_PAGES * BLOCK, device)
     check_dense(batch, dense)
     assert not _covers(causal_bm, dense)
-    md.set_tidar_steps(batch.tidar, StepMask(batch.layout, 0, device))
+    md.set_tidar_steps(torch.tensor(batch.tidar, device=device), StepMask(batch.layout, 0, device))
     assert md.block_mask is not causal_bm  # rebuilt for the TiDAR requests
     assert torch.equal(grid(md.mask_mod, batch.num_tokens, NUM_PAGES * BLOCK, device), dense)
     assert _covers(md.block_mask, dense)
@@ -100,7 +100,7 @@ def test_vllm_flex_metadata_without_tidar_requests_stays_causal(device):
     batch = make_batch(device)
     md = _metadata(batch)
     causal_bm = md.block_mask
-    md.set_tidar_steps([False] * batch.num_reqs, StepMask(batch.layout, 0, device))
+    md.set_tidar_steps(torch.zeros(batch.num_reqs, dtype=torch.bool, device=device), StepMask(batch.layout, 0, device))
     assert md.block_mask is causal_bm and md.tidar_template is None
     batch.tidar = [False] * batch.num_reqs
     check_dense(batch, grid(md.mask_mod, batch.num_tokens, NUM_PAGES * BLOCK, device))
@@ -113,7 +113,7 @@ def test_vllm_flex_attention_matches_sdpa(device):
 
     batch = make_batch(device)
     md = _metadata(batch)
-    md.set_tidar_steps(batch.tidar, StepMask(batch.layout, 0, device))
+    md.set_tidar_steps(torch.tensor(batch.tidar, device=device), StepMask(batch.layout, 0, device))
     g = torch.Generator(device=device).manual_seed(1)
     q = torch.randn(1, 4, batch.num_tokens, 32, generator=g, device=device)
     k = torch.randn(1, 2, NUM_PAGES * BLOCK, 32, generator=g, device=device)

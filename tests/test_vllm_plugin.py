@@ -73,73 +73,111 @@ def test_speculative_config_rewrites():
 
 
 # --- attention backend ---------------------------------------------------------------------
-def _fill_cache(impl, kv_cache, block_table, keys, values, start, bs):
-    """Write tokens at logical positions start.. of one request through do_kv_cache_update."""
-    n = keys.shape[0]
-    pos = torch.arange(start, start + n)
-    slots = block_table[pos // bs].long() * bs + pos % bs
-    impl.do_kv_cache_update(None, keys, values, kv_cache, slots)
+def _attention_batch(reqs, bs, hq, hkv, d, layout, seed=0):
+    """Random KV for a mixed batch written through the backend's KV write (as the runner
+    does), the metadata the builder would make, and the dense SDPA reference output.
 
+    ``reqs``: (committed tokens, scheduled tokens, is a full TiDAR step) per request."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-def test_attention_backend_matches_dense_template_and_causal():
-    from vllm_tidar.plugin.attention import TiDARCPUImpl, TiDARCPUMetadata
+    from vllm_tidar.plugin.attention import TiDARCPUImpl, TiDARCPUMetadata, _kernel_batch, _KernelParams
 
-    torch.manual_seed(0)
-    hq, hkv, d, bs, nb = 4, 2, 16, 32, 16
-    layout = DecodeLayout(4)
-    big_l = layout.num_tokens
-    step_mask = StepMask(layout, 256)
+    g = torch.Generator().manual_seed(seed)
+    isa = _get_attn_isa(torch.float32, bs, d)
+    layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
     impl = TiDARCPUImpl(hq, d, d**-0.5, hkv)
+    max_blocks = max(-(-(p + t) // bs) for p, t, _ in reqs)
+    nb = 1 + len(reqs) * max_blocks
     kv_cache = torch.zeros(nb, hkv, bs, 2 * d)
-
-    # request 0: TiDAR step after P=45 committed tokens; request 1: 37-token prefill chunk
-    # after 10 cached tokens; request 2: one-token decode after 70 tokens
-    reqs = [(45, big_l, True), (10, 37, False), (70, 1, False)]
-    tables = [torch.tensor([3, 7, 1, 0]), torch.tensor([9, 2, 0, 0]), torch.tensor([4, 5, 11, 0])]
-    qs, ks, vs, outs_ref = [], [], [], []
+    perm = 1 + torch.randperm(nb - 1, generator=g)  # scattered pages, block 0 unused
+    tables = perm.view(len(reqs), max_blocks).to(torch.int32)  # vLLM's block table dtype
+    step_mask = StepMask(layout, 0)
+    qs, ks, vs, refs, slots = [], [], [], [], []
     for (prefix, t, tidar), table in zip(reqs, tables):
-        k_all = torch.randn(prefix + t, hkv, d)
-        v_all = torch.randn(prefix + t, hkv, d)
-        _fill_cache(impl, kv_cache, table, k_all[:prefix], v_all[:prefix], 0, bs)
-        q = torch.randn(t, hq, d)
-        qs.append(q), ks.append(k_all[prefix:]), vs.append(v_all[prefix:])
+        k_all = torch.randn(prefix + t, hkv, d, generator=g)
+        v_all = torch.randn(prefix + t, hkv, d, generator=g)
+        pos = torch.arange(prefix + t)
+        slot = table[pos // bs].long() * bs + pos % bs
+        impl.do_kv_cache_update(layer, k_all[:prefix], v_all[:prefix], kv_cache, slot[:prefix])
+        q = torch.randn(t, hq, d, generator=g)
+        qs.append(q), ks.append(k_all[prefix:]), vs.append(v_all[prefix:]), slots.append(slot[prefix:])
         if tidar:
-            mask = step_mask.for_prefix(prefix)
+            mask = torch.cat([torch.ones(t, prefix, dtype=torch.bool), layout.template], 1)
         else:
             mask = torch.arange(prefix + t)[None, :] <= (torch.arange(t)[:, None] + prefix)
         ref = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k_all.transpose(0, 1).repeat_interleave(hq // hkv, 0),
-            v_all.transpose(0, 1).repeat_interleave(hq // hkv, 0),
-            attn_mask=mask,
-            scale=d**-0.5,
+            q.transpose(0, 1), k_all.transpose(0, 1).repeat_interleave(hq // hkv, 0),
+            v_all.transpose(0, 1).repeat_interleave(hq // hkv, 0), attn_mask=mask, scale=d**-0.5,
         )
-        outs_ref.append(ref.transpose(0, 1))
-    # this step's new tokens go through the batched KV write, like the runner does
+        refs.append(ref.transpose(0, 1))
+    # this step's new tokens go through one batched KV write, like the runner's
+    impl.do_kv_cache_update(layer, torch.cat(ks), torch.cat(vs), kv_cache, torch.cat(slots))
     qsl = [0]
     for _, t, _ in reqs:
         qsl.append(qsl[-1] + t)
-    slot_mapping = torch.cat(
-        [
-            table[torch.arange(p, p + t) // bs].long() * bs + torch.arange(p, p + t) % bs
-            for (p, t, _), table in zip(reqs, tables)
-        ]
-    )
-    impl.do_kv_cache_update(None, torch.cat(ks), torch.cat(vs), kv_cache, slot_mapping)
+    seq_lens = [p + t for p, t, _ in reqs]
+    params = _KernelParams(hq, hkv, d, torch.float32, isa, -1, "auto")
+    kernel = _kernel_batch(params, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), tables)
     md = TiDARCPUMetadata(
-        num_actual_tokens=qsl[-1],
-        num_reqs=3,
-        query_start_loc=qsl,
-        seq_lens=[p + t for p, t, _ in reqs],
-        is_prefilling=[False, True, False],
-        block_table=torch.stack(tables),
-        slot_mapping=slot_mapping,
-        tidar_step=[r[2] for r in reqs],
-        step_mask=step_mask,
+        num_actual_tokens=qsl[-1], num_reqs=len(reqs), query_start_loc=qsl, seq_lens=seq_lens,
+        is_prefilling=[not tidar and t > 1 and i % 2 == 1 for i, (_, t, tidar) in enumerate(reqs)],
+        block_table=tables, slot_mapping=torch.cat(slots), kernel=kernel, params=params, block_size=bs,
     )
-    output = torch.empty(qsl[-1], hq, d)
-    impl.forward(None, torch.cat(qs), None, None, kv_cache, md, output)
-    torch.testing.assert_close(output, torch.cat(outs_ref), rtol=1e-5, atol=1e-5)
+    md.set_tidar_steps(torch.tensor([r[2] for r in reqs]), step_mask)
+    return impl, layer, kv_cache, md, torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(refs)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("block_len", [4, 8])
+def test_attention_backend_matches_dense_template_and_causal(bs, block_len):
+    """Mixed batch: TiDAR steps (verify rows in vLLM's CPU_ATTN kernel, mask rows in the
+    batched SDPA) next to a prefill chunk, a one-token decode and a degraded step, on
+    several page sizes, against dense SDPA with the layout's template."""
+    layout = DecodeLayout(block_len)
+    big_l = layout.num_tokens
+    reqs = [(45, big_l, True), (10, 37, False), (70, 1, False), (33, 5, False), (130, big_l, True), (3, big_l, True)]
+    impl, layer, kv_cache, md, q, k, v, ref = _attention_batch(reqs, bs, 4, 2, 64, layout)
+    assert md.tidar is not None and md.tidar.mask_rows.shape == (3, layout.num_mask_slots)
+    output = torch.full_like(q, float("nan"))
+    impl.forward(layer, q, k, v, kv_cache, md, output)
+    torch.testing.assert_close(output, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_backend_without_tidar_steps_is_the_stock_kernel(monkeypatch):
+    """No TiDAR step in the batch: one CPU_ATTN call over the whole batch, as vLLM's own
+    CPU backend runs it (same output bits)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
+
+    layout = DecodeLayout(4)
+    reqs = [(10, 37, False), (70, 1, False), (33, 5, False)]
+    impl, layer, kv_cache, md, q, k, v, ref = _attention_batch(reqs, 32, 4, 2, 64, layout)
+    assert md.tidar is None
+    out = torch.empty_like(q)
+    impl.forward(layer, q, k, v, kv_cache, md, out)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    from vllm.v1.attention.backends import cpu_attn
+
+    cfg = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: cfg)
+    stock = CPUAttentionBackendImpl(4, 64, 64**-0.5, 2, None, None, "auto")
+    smd = CPUAttentionMetadata(
+        num_actual_tokens=md.num_actual_tokens, max_query_len=37, query_start_loc=md.kernel.query_start_loc,
+        max_seq_len=max(md.seq_lens), seq_lens=md.kernel.seq_lens, block_table=md.block_table,
+        slot_mapping=md.slot_mapping, scheduler_metadata=md.kernel.scheduler_metadata,
+    )
+    out_stock = torch.empty_like(q)
+    stock.forward(layer, q, k, v, kv_cache, smd, out_stock)
+    assert torch.equal(out, out_stock)
+
+
+def test_step_mask_rows_are_the_template_after_each_prefix():
+    layout = DecodeLayout(4, 2)
+    sm = StepMask(layout, 0)
+    m = sm.mask_rows(torch.tensor([3, 0, 7]), 8)
+    assert m.shape == (3, layout.num_mask_slots, 8 + layout.num_tokens)
+    for t, p in enumerate([3, 0, 7]):
+        assert m[t, :, :p].all() and not m[t, :, p:8].any()
+        assert torch.equal(m[t, :, 8:], layout.template[layout.num_verify :])
 
 
 # --- proposer ------------------------------------------------------------------------------
@@ -171,7 +209,7 @@ def _proposer(bl=4, k=None):
 def test_proposer_picks_block_of_accepted_count(k):
     prop, layout = _proposer(4, k)
     n_masks = layout.num_mask_slots
-    drafts = 100 + layout.next_draft_index  # the model's stash: row a = drafts after a acceptances
+    drafts = (100 + layout.next_draft_index).tolist()  # the model's stash: row a = drafts after a acceptances
     for a in range(k + 1):
         prop.load_model(_FakeModel({0: drafts}))
         out = prop.propose([[5] * (a + 1), [], [7]], None, None)

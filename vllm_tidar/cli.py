@@ -198,6 +198,7 @@ BENCHMARK_COMMANDS = {
     "profile": "free-token-slot profiler: forward latency vs query tokens per request",
     "quality": "HumanEval pass@1 of plain AR and TiDAR (beta = 1 and < 1)",
     "soak": "sustained mixed load (vllm bench serve) and faults against vllm-tidar serve",
+    "breakdown": "where one vLLM engine step's time goes (scheduler, inputs, attention, logits, sampler, ...)",
 }
 
 

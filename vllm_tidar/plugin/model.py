@@ -44,7 +44,7 @@ logger = init_logger(__name__)
 def _tidar_attention_backend(device: torch.device):
     """The attention backend every layer of a TiDAR model runs on.
 
-    CPU: ``TiDARCPUBackend`` (gather + SDPA). CUDA: ``TiDARFlexBackend`` (vLLM's
+    CPU: ``TiDARCPUBackend`` (vLLM's ``CPU_ATTN`` kernel, batched SDPA for mask rows). CUDA: ``TiDARFlexBackend`` (vLLM's
     FlexAttention with the TiDAR mask_mod). ``VLLM_TIDAR_ATTENTION=flex`` forces the Flex
     backend on CPU too (debugging: eager flex, pure-torch KV write, slow).
     """
@@ -67,7 +67,7 @@ class TiDARStep:
     """What the model's step detection saw in its last forward, per request in batch order."""
 
     query_start_loc: list[int]  # host copy, num_reqs + 1 entries
-    tidar: list[bool]  # request ran a full TiDAR step (template attention, drafts stashed)
+    tidar: torch.Tensor  # bool per request: ran a full TiDAR step (template attention, drafts stashed)
     prefilling: list[bool]
 
 
@@ -87,11 +87,12 @@ class _TiDARMixin:
         device = torch.device(vllm_config.device_config.device)
         backend = _tidar_attention_backend(device)
         if self.tidar_layout is not None:
-            # CPU backend: the template padded to max_model_len keys (sliced per step);
-            # Flex: the bare L x L template on the device (indexed inside mask_mod)
-            max_prefix = vllm_config.model_config.max_model_len if backend is TiDARCPUBackend else 0
-            self._tidar_step_mask = StepMask(self.tidar_layout, max_prefix, device)
-            self._tidar_offsets = self.tidar_layout.position_offsets.to(device)
+            # the bare L x L template on the device, sliced per step (CPU: mask rows; Flex:
+            # indexed inside mask_mod)
+            self._tidar_step_mask = StepMask(self.tidar_layout, 0, device)
+            rows = torch.arange(self.tidar_layout.num_tokens)
+            self._tidar_rows = rows.to(device)
+            self._tidar_position_shift = (self.tidar_layout.position_offsets - rows).to(device)
             # beta mixing: verify row i mixes in the mask row that predicts the same position
             self._tidar_bonus_rows = torch.tensor(
                 [self.tidar_layout.bonus_mask_row(i) for i in range(self.tidar_layout.num_verify)], device=device
@@ -119,7 +120,7 @@ class _TiDARMixin:
                 )
                 n += 1
         self._tidar_last: TiDARStep | None = None
-        self._tidar_drafts: dict[int, torch.Tensor] | None = None
+        self._tidar_drafts: tuple[torch.Tensor, torch.Tensor] | None = None
         logger.info(
             "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on %s)",
             self.tidar_settings.block_length,
@@ -131,8 +132,12 @@ class _TiDARMixin:
 
     # --- forward -------------------------------------------------------------------------
     def _tidar_prepare(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Step detection, vectorised over the batch (no host sync per request): a request
+        runs a full TiDAR step iff it decodes ``L`` tokens whose mask slots hold MASK. Its
+        rows get the layout's RoPE positions, and the attention metadata is told."""
         self._tidar_last = None
-        if input_ids is None or not is_forward_context_available():
+        layout = self.tidar_layout
+        if layout is None or input_ids is None or not is_forward_context_available():
             return positions
         md_all = get_forward_context().attn_metadata
         if isinstance(md_all, list):
@@ -143,27 +148,19 @@ class _TiDARMixin:
         mds = {id(m): m for m in md_all.values() if hasattr(m, "set_tidar_steps")}
         if not mds:
             return positions
-        md = next(iter(mds.values()))
-        qsl, prefilling = md.tidar_batch()
-        layout = self.tidar_layout
-        flags = [False] * (len(qsl) - 1)
-        if layout is not None:
-            big_l, first_mask = layout.num_tokens, layout.num_verify
-            new_pos = None
-            for i in range(len(flags)):
-                s, e = qsl[i], qsl[i + 1]
-                if e - s != big_l or prefilling[i]:
-                    continue
-                if not bool((input_ids[s + first_mask : e] == self.tidar_mask_id).all()):
-                    continue
-                flags[i] = True
-                if new_pos is None:
-                    new_pos = positions.clone()
-                new_pos[s:e] = positions[s] + self._tidar_offsets
-            if new_pos is not None:
-                positions = new_pos
+        qsl, prefilling = next(iter(mds.values())).tidar_batch()
+        dev = input_ids.device
+        qsl_t = torch.tensor(qsl, dtype=torch.long, device=dev)
+        starts, lens = qsl_t[:-1], qsl_t[1:] - qsl_t[:-1]
+        rows = (starts[:, None] + self._tidar_rows).clamp_(max=input_ids.shape[0] - 1)  # (R, L)
+        slots_masked = (input_ids[rows[:, layout.num_verify :]] == self.tidar_mask_id).all(-1)
+        decoding = ~torch.tensor(prefilling, dtype=torch.bool, device=dev)
+        flags = (lens == layout.num_tokens) & decoding & slots_masked
+        # vLLM gave rows P..P+L-1; TiDAR rows sit at P + position_offsets
+        shift = flags[:, None].long() * self._tidar_position_shift
+        positions = positions.index_add(0, rows.flatten(), shift.flatten())
         for m in mds.values():
-            m.set_tidar_steps(flags, self._tidar_step_mask if layout is not None else None)
+            m.set_tidar_steps(flags, self._tidar_step_mask)
         self._tidar_last = TiDARStep(qsl, flags, prefilling)
         return positions
 
@@ -181,41 +178,40 @@ class _TiDARMixin:
         if logits is None:
             return logits
         layout, last = self.tidar_layout, self._tidar_last
-        tidar_rows: list[tuple[int, int]] = []  # (batch row, first logits row) of full TiDAR requests
-        if layout is not None and last is not None:
-            # logits rows per request: every scheduled row for a request that was given
-            # drafts (TiDAR or degraded decode step), one row otherwise
-            counts = []
-            for i, is_tidar in enumerate(last.tidar):
-                q = last.query_start_loc[i + 1] - last.query_start_loc[i]
-                counts.append(q if is_tidar or (not last.prefilling[i] and q > 1) else 1)
-            if sum(counts) == logits.shape[0]:
-                off = 0
-                for i, q in enumerate(counts):
-                    if last.tidar[i]:
-                        tidar_rows.append((i, off))
-                    off += q
-            else:  # e.g. a preempted request recomputing its output: skip drafting once
-                logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
-        beta = self.tidar_settings.beta
-        if beta != 1.0:
-            for _, off in tidar_rows:
-                verify = logits[off : off + layout.num_verify]
-                logits[off : off + layout.num_verify] = beta * verify + (1.0 - beta) * logits[off + self._tidar_bonus_rows]
+        self._tidar_drafts = None
         logits[:, self.tidar_mask_id] = -torch.inf
-        drafts: dict[int, torch.Tensor] = {}
-        if tidar_rows:
-            offs = torch.tensor([off for _, off in tidar_rows], device=logits.device)
-            cut = logits[offs[:, None, None] + self._tidar_draft_index].argmax(-1)  # (requests, K+1, K)
-            drafts = {i: cut[n] for n, (i, _) in enumerate(tidar_rows)}
-        self._tidar_drafts = drafts
+        if layout is None or last is None:
+            return logits
+        # logits rows per request (host lists): every scheduled row for a request given
+        # drafts (TiDAR or degraded decode step), one row otherwise
+        qsl, pre = last.query_start_loc, last.prefilling
+        counts = [(e - s) if (not p and e - s > 1) else 1 for s, e, p in zip(qsl[:-1], qsl[1:], pre)]
+        if sum(counts) != logits.shape[0]:  # e.g. a preempted request recomputing its output
+            logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
+            return logits
+        offs = torch.tensor([0, *counts[:-1]], device=logits.device).cumsum(0)
+        flags = last.tidar
+        beta = self.tidar_settings.beta
+        if beta != 1.0 and bool(flags.any()):
+            t_offs = offs[flags][:, None]
+            verify = t_offs + torch.arange(layout.num_verify, device=logits.device)
+            bonus = t_offs + self._tidar_bonus_rows
+            logits[verify] = beta * logits[verify] + (1.0 - beta) * logits[bonus]
+            logits[:, self.tidar_mask_id] = -torch.inf
+        # next drafts of every request for every acceptance count: (R, K+1, K); rows of
+        # requests that ran no TiDAR step are clamped junk, dropped by the flags
+        idx = (offs[:, None, None] + self._tidar_draft_index).clamp_(max=logits.shape[0] - 1)
+        self._tidar_drafts = (flags, logits[idx].argmax(-1))
         return logits
 
-    def take_tidar_drafts(self) -> dict[int, torch.Tensor]:
-        """Next drafts of the last step's full TiDAR requests, by batch row: a ``(K+1, K)``
-        tensor whose row ``a`` holds the K drafts for ``a`` accepted drafts."""
+    def take_tidar_drafts(self) -> dict[int, list[list[int]]]:
+        """Next drafts of the last step's full TiDAR requests, by batch row: ``K+1`` lists
+        of K drafts, list ``a`` for ``a`` accepted drafts."""
         d, self._tidar_drafts = self._tidar_drafts, None
-        return d or {}
+        if d is None:
+            return {}
+        flags, cut = d
+        return {i: rows for i, (f, rows) in enumerate(zip(flags.tolist(), cut.tolist())) if f}
 
 
 class TiDARLlamaForCausalLM(_TiDARMixin, LlamaForCausalLM):

@@ -50,5 +50,5 @@ class TiDARProposer:
             if drafts is None or a > layout.num_drafts:
                 out.append(list(self._all_mask))
                 continue
-            out.append(drafts[a].tolist() + self._mask_tail)
+            out.append(list(drafts[a]) + self._mask_tail)
         return out
