@@ -132,7 +132,7 @@ def test_matches_reference_decoder(tidar_llm, ckpt, prompts):
 
     def spy(sampled, *a, **kw):
         res = orig(sampled, *a, **kw)
-        seen_vllm.append(list(res[0][: drafter.layout.num_drafts]))
+        seen_vllm.append(list(res[0][: drafter.max_layout.num_drafts]))
         return res
 
     drafter.propose = spy
@@ -156,7 +156,7 @@ def test_matches_reference_decoder(tidar_llm, ckpt, prompts):
     mask = settings.mask_token_id
     # vLLM: first entry is the all-MASK drafts after prefill; the reference starts with
     # MASK drafts too but records only model drafts; vLLM's last call may be one extra
-    assert seen_vllm[0] == [mask] * drafter.layout.num_drafts
+    assert seen_vllm[0] == [mask] * drafter.max_layout.num_drafts
     assert len(seen_ref) >= 10 and len(seen_vllm) >= 1 + len(seen_ref)
     assert seen_vllm[1 : 1 + len(seen_ref)] == seen_ref
 

@@ -184,13 +184,17 @@ def test_step_mask_rows_are_the_template_after_each_prefix():
 class _FakeModel:
     def __init__(self, stash):
         self.stash = stash
+        self.num_drafts = []
 
     def take_tidar_drafts(self):
         s, self.stash = self.stash, {}
         return s
 
+    def tidar_use_num_drafts(self, k):
+        self.num_drafts.append(k)
 
-def _proposer(bl=4, k=None):
+
+def _proposer(bl=4, k=None, schedule=None):
     from vllm_tidar.plugin.common import PROPOSER_PATH
     from vllm_tidar.plugin.proposer import TiDARProposer
 
@@ -198,9 +202,11 @@ def _proposer(bl=4, k=None):
     hf = SimpleNamespace(tidar=TidarSettings(bl, 1).to_dict(), vocab_size=1000)
     cfg = SimpleNamespace(
         speculative_config=SimpleNamespace(
-            method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=layout.num_speculative_tokens
+            method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=layout.num_speculative_tokens,
+            num_speculative_tokens_per_batch_size=schedule,
         ),
         model_config=SimpleNamespace(hf_config=hf, model="ckpt"),
+        scheduler_config=SimpleNamespace(max_num_seqs=8),
     )
     return TiDARProposer(cfg), layout
 
@@ -209,9 +215,10 @@ def _proposer(bl=4, k=None):
 def test_proposer_picks_block_of_accepted_count(k):
     prop, layout = _proposer(4, k)
     n_masks = layout.num_mask_slots
-    drafts = (100 + layout.next_draft_index).tolist()  # the model's stash: row a = drafts after a acceptances
+    drafts = (100 + layout.block_draft_index).tolist()  # the model's stash: row a = drafts after a acceptances
     for a in range(k + 1):
-        prop.load_model(_FakeModel({0: drafts}))
+        model = _FakeModel({0: drafts})
+        prop.load_model(model)
         out = prop.propose([[5] * (a + 1), [], [7]], None, None)
         want_rows = layout.next_draft_rows(a)
         want = [100 + r for r in range(want_rows.start, want_rows.stop)]
@@ -219,6 +226,34 @@ def test_proposer_picks_block_of_accepted_count(k):
         assert len(out[0]) == layout.num_tokens - 1
         assert out[1] == []  # partial prefill chunk
         assert out[2] == [1] * (layout.num_tokens - 1)  # no TiDAR step: all MASK
+        assert model.num_drafts == [k]
+
+
+def test_proposer_follows_a_drafts_per_batch_size_schedule():
+    """vLLM's num_speculative_tokens_per_batch_size (spec-token units) carries a fixed
+    schedule: batch 1 drafts 3, batches 2-3 draft 1, larger batches run plain AR steps."""
+    from vllm_tidar.plugin.config import schedule_in_spec_tokens
+
+    layout = DecodeLayout(4)
+    sched = schedule_in_spec_tokens([[1, 1, 3], [2, 3, 1], [4, 8, 0]], 4, 3)
+    assert sched == [(1, 1, 19), (2, 3, DecodeLayout(4, 1).num_speculative_tokens), (4, 8, 0)]
+    prop, _ = _proposer(4, 3, schedule=sched)
+    drafts = (100 + layout.block_draft_index).tolist()
+    model = _FakeModel({0: drafts, 1: drafts})
+    prop.load_model(model)
+    out = prop.propose([[5, 6], [7]], None, None)  # batch 2 -> K=1
+    one = DecodeLayout(4, 1)
+    assert out[0] == [drafts[1][0]] + [1] * one.num_mask_slots
+    assert out[1] == [drafts[0][0]] + [1] * one.num_mask_slots
+    assert model.num_drafts == [1]
+    model.stash = {0: drafts}
+    assert prop.propose([[5]], None, None)[0] == drafts[0][:3] + [1] * layout.num_mask_slots  # batch 1 -> K=3
+    assert prop.propose([[5]] * 4, None, None) == [[]] * 4  # batch 4 -> plain AR steps
+    assert model.num_drafts == [1, 3]
+    with pytest.raises(TidarError, match="K=3 exceeds"):
+        schedule_in_spec_tokens([[1, 8, 3]], 4, 2)
+    with pytest.raises(TidarError, match="list of"):
+        schedule_in_spec_tokens([[1, 8]], 4, 3)
 
 
 def test_proposer_rejects_non_tidar_model():

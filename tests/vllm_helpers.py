@@ -76,9 +76,11 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "
 MAX_MODEL_LEN = 512
 
 
-def make_llm(model, **kwargs):
-    """A small in-process vLLM engine for tests (CPU, eager, fp32)."""
+def make_llm(model, adaptive: bool = False, **kwargs):
+    """A small in-process vLLM engine for tests (CPU, eager, fp32). TiDAR drafts a fixed K
+    per step unless ``adaptive`` (the product default: K chosen per batch size)."""
     os.environ.update(ENGINE_ENV)
+    os.environ["VLLM_TIDAR_ADAPTIVE"] = "1" if adaptive else "0"
     from vllm import LLM
 
     args = dict(

@@ -74,6 +74,12 @@ class DecodeLayout:
             )
         return cls(block_len, k)
 
+    @staticmethod
+    def num_drafts_scheduled(num_spec: int, block_len: int) -> int:
+        """K of a step to which vLLM schedules ``num_spec`` speculative tokens: 0 for none
+        (a plain AR step), else the inverse of ``num_speculative_tokens``."""
+        return 0 if num_spec == 0 else DecodeLayout.from_num_speculative_tokens(num_spec, block_len).num_drafts
+
     # --- sizes -------------------------------------------------------------------------
     @property
     def num_verify(self) -> int:
@@ -120,6 +126,14 @@ class DecodeLayout:
         a step's per-row predictions gives the next drafts for every acceptance count."""
         starts = torch.tensor([self.next_draft_rows(a).start for a in range(self.num_blocks)])
         return starts[:, None] + torch.arange(self.num_drafts)
+
+    @cached_property
+    def block_draft_index(self) -> torch.Tensor:
+        """(K+1, block_len-1) long: row ``a`` holds masks 1..block_len-1 of block ``a``, the
+        most drafts a block offers; the first ``k`` of them are the next ``k`` drafts for
+        any next-step K ``k <= block_len - 1`` (the next step may draft more or fewer than this one)."""
+        starts = torch.tensor([self.block_start(a) + 1 for a in range(self.num_blocks)])
+        return starts[:, None] + torch.arange(self.block_len - 1)
 
     @staticmethod
     def num_kept(a: int) -> int:

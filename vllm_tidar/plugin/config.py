@@ -36,7 +36,12 @@ def tidar_speculative_config(spec: dict | None, model_config) -> dict | None:
         settings = TidarSettings.from_hf_config(hf_config, source=name)
         rest = {k: v for k, v in spec.items() if k not in ("method", "num_speculative_tokens", "model")}
         k = spec.get("num_speculative_tokens")
-        return {**rest, **tidar_spec_dict(settings, k, name)}
+        out = {**rest, **tidar_spec_dict(settings, k, name)}
+        if rest.get("num_speculative_tokens_per_batch_size"):
+            out["num_speculative_tokens_per_batch_size"] = schedule_in_spec_tokens(
+                rest["num_speculative_tokens_per_batch_size"], settings.block_length,
+                DecodeLayout.from_num_speculative_tokens(out["num_speculative_tokens"], settings.block_length).num_drafts)
+        return out
     if spec is None and is_tidar:
         if getattr(hf_config, "tidar_mode", None) == "ar":
             logger.info("TiDAR checkpoint %s served as plain AR (tidar_mode='ar')", name)
@@ -57,6 +62,27 @@ def tidar_spec_dict(settings: TidarSettings, num_drafts, name: str = "checkpoint
     check_num_drafts(k, bl, what=f"TiDAR num_speculative_tokens (drafts per step) for {name}")
     layout = DecodeLayout(bl, k)
     return {"method": "custom_class", "model": PROPOSER_PATH, "num_speculative_tokens": layout.num_speculative_tokens}
+
+
+def schedule_in_spec_tokens(schedule, block_len: int, max_drafts: int) -> list[tuple[int, int, int]]:
+    """A drafts-per-batch-size schedule ``[(first batch size, last, K), ...]`` in TiDAR's K
+    (0 = plain AR steps) -> vLLM's ``num_speculative_tokens_per_batch_size`` units."""
+    out = []
+    try:
+        entries = [tuple(int(x) for x in e) for e in schedule]
+    except (TypeError, ValueError):
+        entries = None
+    if not entries or any(len(e) != 3 for e in entries):
+        raise TidarError(f"num_speculative_tokens_per_batch_size must be a list of [first, last, K] batch-size "
+                         f"ranges, got {schedule!r}")
+    for lo, hi, k in entries:
+        if k != 0:
+            check_num_drafts(k, block_len, what=f"num_speculative_tokens_per_batch_size entry {[lo, hi, k]}: K")
+        if k > max_drafts:
+            raise TidarError(f"num_speculative_tokens_per_batch_size entry {[lo, hi, k]}: K={k} exceeds "
+                             f"num_speculative_tokens={max_drafts}")
+        out.append((lo, hi, 0 if k == 0 else DecodeLayout(block_len, k).num_speculative_tokens))
+    return out
 
 
 def check_pipeline_parallel(vllm_config) -> None:
@@ -110,8 +136,9 @@ class TiDARConfigHook:
                 sched.max_num_seqs,
                 big_l,
             )
-        if getattr(spec, "num_speculative_tokens_per_batch_size", None):
-            spec.num_speculative_tokens_per_batch_size = None
+        for lo, hi, n in getattr(spec, "num_speculative_tokens_per_batch_size", None) or ():
+            if n:  # each entry must be a TiDAR step size (the proposer converts back to K)
+                DecodeLayout.from_num_speculative_tokens(n, settings.block_length)
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:

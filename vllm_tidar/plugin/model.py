@@ -11,9 +11,13 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   attention backend applies the layout's template instead of a causal mask;
 * in ``compute_logits`` (optionally mixes the bonus-mask logits in with ``beta``),
   sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted, and
-  stashes, per request, the next drafts for every acceptance count (a ``(K+1, K)``
-  argmax over ``layout.next_draft_index``): the proposer picks row ``a`` (no second
-  model pass).
+  stashes, per request, the next drafts for every acceptance count (a
+  ``(K+1, block_len-1)`` argmax over ``layout.block_draft_index``): the proposer picks
+  row ``a`` and keeps as many drafts as the next step takes (no second model pass).
+
+K may change from step to step (adaptive drafting): the proposer calls
+``tidar_use_num_drafts(k)`` for the step it proposes, and the model detects steps of
+that layout (its tensors are built once per K).
 
 Prefills, partial prefills and degraded steps (fewer than L tokens scheduled, e.g.
 near max_model_len or under token-budget pressure) run plain causal attention.
@@ -71,6 +75,30 @@ class TiDARStep:
     prefilling: list[bool]
 
 
+@dataclass(frozen=True)
+class _StepTensors:
+    """Device tensors of one decode layout (one K), built once, sliced per step."""
+
+    layout: DecodeLayout
+    step_mask: StepMask  # the bare L x L template (CPU: mask rows; Flex: indexed in mask_mod)
+    rows: torch.Tensor  # arange(L)
+    position_shift: torch.Tensor  # layout RoPE offset of each row minus its row index
+    bonus_rows: torch.Tensor  # beta mixing: mask row predicting the same position as verify row i
+    draft_index: torch.Tensor  # (K+1, block_len-1): draft rows of each block
+
+    @classmethod
+    def build(cls, layout: DecodeLayout, device) -> "_StepTensors":
+        rows = torch.arange(layout.num_tokens)
+        return cls(
+            layout=layout,
+            step_mask=StepMask(layout, 0, device),
+            rows=rows.to(device),
+            position_shift=(layout.position_offsets - rows).to(device),
+            bonus_rows=torch.tensor([layout.bonus_mask_row(i) for i in range(layout.num_verify)], device=device),
+            draft_index=layout.block_draft_index.to(device),
+        )
+
+
 class _TiDARMixin:
     """Adds TiDAR steps to a vLLM causal LM. Call ``_tidar_setup`` after ``__init__``."""
 
@@ -86,18 +114,10 @@ class _TiDARMixin:
             )
         device = torch.device(vllm_config.device_config.device)
         backend = _tidar_attention_backend(device)
+        self._tidar_device = device
+        self._tidar_tensors: dict[int, _StepTensors] = {}
         if self.tidar_layout is not None:
-            # the bare L x L template on the device, sliced per step (CPU: mask rows; Flex:
-            # indexed inside mask_mod)
-            self._tidar_step_mask = StepMask(self.tidar_layout, 0, device)
-            rows = torch.arange(self.tidar_layout.num_tokens)
-            self._tidar_rows = rows.to(device)
-            self._tidar_position_shift = (self.tidar_layout.position_offsets - rows).to(device)
-            # beta mixing: verify row i mixes in the mask row that predicts the same position
-            self._tidar_bonus_rows = torch.tensor(
-                [self.tidar_layout.bonus_mask_row(i) for i in range(self.tidar_layout.num_verify)], device=device
-            )
-            self._tidar_draft_index = self.tidar_layout.next_draft_index.to(device)
+            self.tidar_use_num_drafts(self.tidar_layout.num_drafts)
         # every attention layer runs through the TiDAR backend (plain AR mode too, so
         # both modes share one attention implementation)
         n = 0
@@ -152,17 +172,29 @@ class _TiDARMixin:
         dev = input_ids.device
         qsl_t = torch.tensor(qsl, dtype=torch.long, device=dev)
         starts, lens = qsl_t[:-1], qsl_t[1:] - qsl_t[:-1]
-        rows = (starts[:, None] + self._tidar_rows).clamp_(max=input_ids.shape[0] - 1)  # (R, L)
+        tt = self._tidar_t
+        rows = (starts[:, None] + tt.rows).clamp_(max=input_ids.shape[0] - 1)  # (R, L)
         slots_masked = (input_ids[rows[:, layout.num_verify :]] == self.tidar_mask_id).all(-1)
         decoding = ~torch.tensor(prefilling, dtype=torch.bool, device=dev)
         flags = (lens == layout.num_tokens) & decoding & slots_masked
         # vLLM gave rows P..P+L-1; TiDAR rows sit at P + position_offsets
-        shift = flags[:, None].long() * self._tidar_position_shift
+        shift = flags[:, None].long() * tt.position_shift
         positions = positions.index_add(0, rows.flatten(), shift.flatten())
         for m in mds.values():
-            m.set_tidar_steps(flags, self._tidar_step_mask)
+            m.set_tidar_steps(flags, tt.step_mask)
         self._tidar_last = TiDARStep(qsl, flags, prefilling)
         return positions
+
+    def tidar_use_num_drafts(self, k: int) -> None:
+        """Detect TiDAR steps of ``k`` drafts from the next forward on (the proposer's choice
+        for the step it just proposed; ``k`` <= the configured K)."""
+        t = self._tidar_tensors.get(k)
+        if t is None:
+            t = self._tidar_tensors[k] = _StepTensors.build(
+                DecodeLayout(self.tidar_settings.block_length, k), self._tidar_device
+            )
+        self._tidar_t = t
+        self.tidar_layout = t.layout
 
     def tidar_last_step(self) -> TiDARStep | None:
         """Step detection of the last forward (None when it had no TiDAR attention metadata)."""
@@ -195,18 +227,19 @@ class _TiDARMixin:
         if beta != 1.0 and bool(flags.any()):
             t_offs = offs[flags][:, None]
             verify = t_offs + torch.arange(layout.num_verify, device=logits.device)
-            bonus = t_offs + self._tidar_bonus_rows
+            bonus = t_offs + self._tidar_t.bonus_rows
             logits[verify] = beta * logits[verify] + (1.0 - beta) * logits[bonus]
             logits[:, self.tidar_mask_id] = -torch.inf
-        # next drafts of every request for every acceptance count: (R, K+1, K); rows of
-        # requests that ran no TiDAR step are clamped junk, dropped by the flags
-        idx = (offs[:, None, None] + self._tidar_draft_index).clamp_(max=logits.shape[0] - 1)
+        # next drafts of every request for every acceptance count: (R, K+1, block_len-1);
+        # rows of requests that ran no TiDAR step are clamped junk, dropped by the flags
+        idx = (offs[:, None, None] + self._tidar_t.draft_index).clamp_(max=logits.shape[0] - 1)
         self._tidar_drafts = (flags, logits[idx].argmax(-1))
         return logits
 
     def take_tidar_drafts(self) -> dict[int, list[list[int]]]:
         """Next drafts of the last step's full TiDAR requests, by batch row: ``K+1`` lists
-        of K drafts, list ``a`` for ``a`` accepted drafts."""
+        of ``block_len - 1`` drafts, list ``a`` for ``a`` accepted drafts (the proposer
+        keeps as many as the next step drafts)."""
         d, self._tidar_drafts = self._tidar_drafts, None
         if d is None:
             return {}

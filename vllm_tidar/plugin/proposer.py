@@ -1,21 +1,51 @@
-"""The ``custom_class`` proposer that hands TiDAR's drafts and mask slots to vLLM.
+"""The ``custom_class`` proposer that hands TiDAR's drafts and mask slots to vLLM, with
+the drafts per step chosen for the batch size (``adaptive.DraftPolicy``).
 
-vLLM sees ``num_speculative_tokens = K + (K+1)*block_len`` draft tokens per request, so
-a decode step schedules ``L`` tokens: ``[x_last, d1..dK, MASK * (K+1)*block_len]``.
-vLLM's rejection sampler verifies ``d1..dK`` (MASK drafts are always rejected because
-the model sets their logit to -inf), then this proposer returns, for each request,
-row ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``) of the ``(K+1, K)`` next-draft
-tensor the model stashed in the same forward (the argmax of ``layout.next_draft_rows(a)``)
-followed by the mask slots. Requests that
-did not run a full TiDAR step (first step after prefill, degraded steps) get all-MASK
+With ``k`` drafts a decode step schedules ``L(k)`` tokens ``[x_last, d1..dk, MASK *
+(k+1)*block_len]``: the proposer returns ``num_speculative_tokens(k) = L(k) - 1`` draft
+tokens per request. vLLM's rejection sampler verifies ``d1..dk`` (MASK drafts are always
+rejected because the model sets their logit to -inf); then, for each request, the first
+``k_next`` of row ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``) of the next-draft
+tensor the model stashed in the same forward, followed by the mask slots of ``k_next``.
+``k_next = 0`` means a plain AR step (no drafts). Requests that did not run a full TiDAR
+step (first step after prefill or after a plain step, degraded steps) get all-MASK
 drafts: they are rejected and the next step's block 0 supplies real drafts. Such steps
 are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
+
+The wall time between two calls is one engine step: it feeds the policy's cost model
+(steps where the batch changed are skipped), and the accepted counts of real drafts
+feed its acceptance model.
 """
 
 from __future__ import annotations
 
+import os
+import time
+
 from ..checkpoint import TidarSettings
+from ..errors import TidarError
 from ..layout import DecodeLayout
+from .adaptive import DraftPolicy
+
+
+def draft_schedule(vllm_config, block_len: int, max_drafts: int) -> list[int] | None:
+    """Dense batch size -> K from ``num_speculative_tokens_per_batch_size`` (vLLM's field,
+    in vLLM's spec-token units, converted back to K), ``[K]`` everywhere when
+    ``VLLM_TIDAR_ADAPTIVE=0``, else None (adaptive)."""
+    spec = vllm_config.speculative_config
+    max_seqs = vllm_config.scheduler_config.max_num_seqs
+    table = getattr(spec, "num_speculative_tokens_per_batch_size", None)
+    if table:
+        from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+        dense = build_dynamic_sd_schedule_lookup(table, max_seqs, spec.num_speculative_tokens)
+        return [DecodeLayout.num_drafts_scheduled(n, block_len) for n in dense]
+    flag = os.environ.get("VLLM_TIDAR_ADAPTIVE", "1").strip().lower()
+    if flag in ("0", "false", "off", "no"):
+        return [max_drafts] * (max_seqs + 1)
+    if flag not in ("1", "true", "on", "yes", ""):
+        raise TidarError(f"VLLM_TIDAR_ADAPTIVE must be 0 or 1, got {flag!r}")
+    return None
 
 
 class TiDARProposer:
@@ -24,12 +54,18 @@ class TiDARProposer:
         self.settings = TidarSettings.from_hf_config(
             vllm_config.model_config.hf_config, source=vllm_config.model_config.model
         )
-        self.layout = DecodeLayout.from_num_speculative_tokens(spec.num_speculative_tokens, self.settings.block_length)
+        bl = self.settings.block_length
+        self.max_layout = DecodeLayout.from_num_speculative_tokens(spec.num_speculative_tokens, bl)
+        k_max = self.max_layout.num_drafts
+        self.policy = DraftPolicy(bl, k_max, schedule=draft_schedule(vllm_config, bl, k_max))
         self.mask_id = self.settings.mask_token_id
-        self.num_spec = spec.num_speculative_tokens
         self.model = None
-        self._mask_tail = [self.mask_id] * self.layout.num_mask_slots
-        self._all_mask = [self.mask_id] * self.num_spec
+        self._tail = {k: [self.mask_id] * DecodeLayout(bl, k).num_mask_slots for k in range(1, k_max + 1)}
+        self._all_mask = {k: [self.mask_id] * DecodeLayout(bl, k).num_speculative_tokens for k in range(1, k_max + 1)}
+        self._k = k_max  # drafts per request of the step being verified now
+        self._real: list[bool] = []  # per batch row: that step's drafts were real (not all MASK)
+        self._last: tuple[bool, int, int] | None = None  # (TiDAR step, tokens, batch rows) proposed last
+        self._t = 0.0
 
     def load_model(self, target_model) -> None:
         if not hasattr(target_model, "take_tidar_drafts"):
@@ -39,16 +75,35 @@ class TiDARProposer:
         self.model = target_model
 
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **kwargs):
+        now = time.perf_counter()
         stash = self.model.take_tidar_drafts() if self.model is not None else {}
-        layout, out = self.layout, []
+        n = len(sampled_token_ids)
+        steady = self._last is not None and self._last[2] == n and all(sampled_token_ids)
+        if steady:  # same rows as the step proposed last time: measure it
+            self.policy.costs.observe(self._last[0], self._last[1], now - self._t)
+            for i, toks in enumerate(sampled_token_ids):
+                if i < len(self._real) and self._real[i]:
+                    self.policy.acceptance.observe(self._k, len(toks) - 1)
+        active = sum(1 for t in sampled_token_ids if t)
+        k_next = self.policy.choose(active)
+        out, real = [], []
         for i, toks in enumerate(sampled_token_ids):
-            if not toks:  # partial prefill chunk: nothing sampled, no drafts
+            if not toks or k_next == 0:  # partial prefill chunk, or a plain AR step next
                 out.append([])
+                real.append(False)
                 continue
             drafts = stash.get(i)
             a = len(toks) - 1
-            if drafts is None or a > layout.num_drafts:
-                out.append(list(self._all_mask))
+            if drafts is None or a >= len(drafts):
+                out.append(list(self._all_mask[k_next]))
+                real.append(False)
                 continue
-            out.append(list(drafts[a]) + self._mask_tail)
+            out.append(drafts[a][:k_next] + self._tail[k_next])
+            real.append(True)
+        if k_next and self.model is not None:
+            self.model.tidar_use_num_drafts(k_next)
+        self._k = k_next or self._k
+        self._real = real
+        self._last = (k_next > 0, active * self.policy.step_tokens(k_next), n)
+        self._t = now
         return out
