@@ -33,7 +33,7 @@ class StepCosts:
     """Online fit of step seconds: ``a_plain*[plain] + a_tidar*[tidar] + b*tokens``."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
-                 decay: float = 0.97, prior_weight: float = 1.0):
+                 decay: float = 0.97, prior_weight: float = 0.1):
         self.decay = decay
         self._a = torch.zeros(3, 3, dtype=torch.float64)
         self._y = torch.zeros(3, dtype=torch.float64)

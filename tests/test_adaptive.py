@@ -1,0 +1,143 @@
+"""Adaptive drafting: the policy's cost and acceptance models, its K choice (K=0 where the
+measured cost says drafting loses), and an engine whose K changes mid-run keeping output
+identical to AR and the spec-decode metrics consistent."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_tidar.layout import DecodeLayout
+
+pytest.importorskip("vllm")
+
+from vllm_tidar.plugin.adaptive import Acceptance, DraftPolicy, StepCosts  # noqa: E402
+
+
+def _costs(a_plain, a_tidar, per_token, n=200):
+    c = StepCosts()
+    for i in range(n):
+        tokens = [1, 4, 16, 72, 288, 1152][i % 6]
+        tidar = tokens >= 72
+        c.observe(tidar, tokens, (a_tidar if tidar else a_plain) + per_token * tokens)
+    return c
+
+
+def test_step_costs_fit_measured_steps_and_skip_idle_gaps():
+    c = _costs(4e-3, 6e-3, 2e-4)
+    assert c.predict(False, 16) == pytest.approx(4e-3 + 16 * 2e-4, rel=1e-2)
+    assert c.predict(True, 576) == pytest.approx(6e-3 + 576 * 2e-4, rel=1e-2)
+    n = c.num_observed
+    assert not c.observe(False, 1, 5.0)  # the engine sat idle between two requests
+    assert c.num_observed == n
+
+
+def test_acceptance_tracks_conditional_rates():
+    acc = Acceptance(3, prior=0.5, decay=0.9)
+    for _ in range(300):
+        acc.observe(3, 1)  # always exactly one draft accepted
+    assert acc.alpha[0] == pytest.approx(1.0, abs=1e-6) and acc.alpha[1] == pytest.approx(0.0, abs=1e-6)
+    assert acc.alpha[2] == 0.5  # never reached: stays at the prior
+    assert acc.expected_tokens(3) == pytest.approx(2.0, abs=1e-5)
+    assert acc.expected_tokens(0) == 1.0
+
+
+def _policy(per_token, alpha, warm=True):
+    acc = Acceptance(7, prior=alpha)
+    acc.num_observed = 1000 if warm else 0
+    return DraftPolicy(8, 7, costs=_costs(4e-3, 6e-3, per_token), acceptance=acc)
+
+
+def test_policy_turns_drafting_off_where_it_loses():
+    # cheap extra tokens and good drafts: draft at batch 1; at batch 16 the 72-token
+    # steps cost more than their extra tokens bring: plain AR
+    p = _policy(per_token=5e-5, alpha=0.8)
+    assert p.choose(1) > 0
+    assert p.choose(16) == 0
+    k, rate, plain = p.best(1)
+    assert rate > plain * p.margin
+    # poor drafts never pay, even at batch 1
+    assert _policy(per_token=5e-5, alpha=0.05).choose(1) == 0
+
+
+def test_policy_drafts_first_then_probes_while_off():
+    p = _policy(per_token=2e-4, alpha=0.3, warm=False)
+    assert p.choose(4) == 7  # no acceptance measured yet: draft to measure it
+    p.acceptance.num_observed = 1000
+    picks = [p.choose(4) for _ in range(5000)]
+    probes = sum(1 for k in picks if k)
+    assert picks[0] == 0 and 0 < probes <= 0.02 * len(picks) + 2
+    assert all(picks[i + 1] == 7 for i in range(len(picks) - 1) if picks[i] and not picks[i - 1])  # probes come in pairs
+
+
+def test_fixed_schedule_overrides_the_policy():
+    p = DraftPolicy(8, 7, schedule=[0, 7, 3, 3, 0])
+    assert [p.choose(b) for b in (1, 2, 3, 4, 9)] == [7, 3, 3, 0, 0]
+
+
+@pytest.mark.slow
+def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
+    """Requests of different lengths finish one by one, so the batch shrinks 4 -> 1 and a
+    schedule moves K 1 -> 2 -> 3: output stays AR's, every drafting step counts its own K,
+    and engine and per-request counters agree."""
+    from vllm import SamplingParams
+
+    from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+
+    ckpt = tiny_checkpoint(block_length=4)
+    prompts = prompt_set(ckpt, 4, seed=3)
+    lengths = [12, 24, 36, 60]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
+    try:
+        want = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+    finally:
+        close_llm(llm)
+    sched = [[1, 1, 3], [2, 3, 2], [4, 8, 1]]
+    llm = make_llm(ckpt, per_request_spec_decode_metrics="detailed",
+                   speculative_config={"method": "tidar", "num_speculative_tokens": 3,
+                                       "num_speculative_tokens_per_batch_size": sched})
+    try:
+        out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        metrics = {m.name: m for m in llm.get_metrics()}
+    finally:
+        close_llm(llm)
+    assert token_ids(out) == want
+    steps = [o.outputs[0].spec_decode_metrics for o in out]
+    seen = set().union(*(set(m.per_step_drafted) for m in steps))
+    assert seen == {1, 2, 3}, seen
+    for m in steps:
+        assert all(a <= d for a, d in zip(m.per_step_accepted, m.per_step_drafted))
+    assert sum(m.num_draft_tokens for m in steps) == metrics["vllm:spec_decode_num_draft_tokens"].value
+    assert sum(sum(m.per_step_drafted) for m in steps) == metrics["vllm:spec_decode_num_draft_tokens"].value
+    assert sum(len(m.per_step_accepted) for m in steps) == metrics["vllm:spec_decode_num_drafts"].value
+    assert sum(sum(m.per_step_accepted) for m in steps) == metrics["vllm:spec_decode_num_accepted_tokens"].value
+    per_pos = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values
+    assert [sum(a > i for m in steps for a in m.per_step_accepted) for i in range(3)] == per_pos
+
+
+@pytest.mark.slow
+def test_engine_adaptive_default_is_lossless():
+    """The product default (adaptive, K chosen from measured costs) on a mixed-length batch:
+    greedy output identical to AR."""
+    from vllm import SamplingParams
+
+    from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+
+    ckpt = tiny_checkpoint(block_length=4)
+    prompts = prompt_set(ckpt, 6, seed=4)
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
+    try:
+        want = token_ids(generate(llm, prompts, sp))
+    finally:
+        close_llm(llm)
+    llm = make_llm(ckpt, adaptive=True)
+    try:
+        drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
+        assert drafter.policy.schedule is None
+        got = token_ids(generate(llm, prompts, sp))
+        assert drafter.policy.costs.num_observed > 0 and drafter.policy.acceptance.num_observed > 0
+    finally:
+        close_llm(llm)
+    assert got == want
+    assert DecodeLayout(4).num_drafts == drafter.policy.max_drafts
