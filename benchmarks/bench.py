@@ -163,11 +163,21 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
                 raise TidarError(f"--tidar-k: {e}") from None
             for k in ks:
                 check_num_drafts(k, bl, what=f"--tidar-k {args.tidar_k}: K")
-        for k in ks:
+        if not args.no_adaptive:  # the product default: K chosen per batch size from measured costs
+            methods.append(
+                Method(
+                    "tidar-adaptive", f"TiDAR adaptive (K≤{full_k})", "tidar", k=full_k,
+                    engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": full_k}},
+                    num_spec=DecodeLayout(bl, full_k).num_speculative_tokens,
+                )
+            )
+        for k in ks:  # fixed K at every batch size (a one-range schedule)
+            fixed = [[1, max(args.batch_sizes), k]]
             methods.append(
                 Method(
                     f"tidar-k{k}", f"TiDAR K={k}", "tidar", k=k,
-                    engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": k}},
+                    engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": k,
+                                                   "num_speculative_tokens_per_batch_size": fixed}},
                     num_spec=DecodeLayout(bl, k).num_speculative_tokens,
                 )
             )
@@ -236,6 +246,8 @@ def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_m
     if "speculative_config" in method.engine:
         kwargs["per_request_spec_decode_metrics"] = "detailed"
     kwargs.update(method.engine)
+    if method.kind == "tidar":  # fixed rows carry a schedule; the adaptive row must adapt
+        os.environ["VLLM_TIDAR_ADAPTIVE"] = "1"
     t_build = time.perf_counter()
     llm = LLM(**kwargs)
     build_s = time.perf_counter() - t_build
@@ -392,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="default 1,4,16")
     p.add_argument("--methods", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=list(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)} (default all)")
-    p.add_argument("--tidar-k", default="auto", help="K values, e.g. 1,3,7; 'all' for 1..Bl-1; default Bl-1 and (Bl-1)//2")
+    p.add_argument("--tidar-k", default="auto",
+                   help="fixed-K TiDAR rows, e.g. 1,3,7; 'all' for 1..Bl-1; default Bl-1 and (Bl-1)//2")
+    p.add_argument("--no-adaptive", action="store_true", help="leave out the adaptive TiDAR row (K chosen per batch size)")
     p.add_argument("--eagle3", default=None, help="EAGLE-3 head folder (default <checkpoint>-eagle3 if present; 'none' to skip)")
     p.add_argument("--eagle3-k", type=int, default=None,
                    help="EAGLE-3 num_speculative_tokens (default: what the head was trained for, else 3)")
@@ -465,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
                 tqdm.write(f"note: {msg}")
 
     rows = make_rows(methods, results)
+    for r in rows:
+        if r["kind"] == "tidar" and r.get("drafting_share") is not None:
+            if r["method"] == "tidar-adaptive":
+                r["label"] += f", {r['drafting_share']:.0%} of steps drafting" + (
+                    f" (mean K {r['mean_drafted']:.1f})" if r["mean_drafted"] is not None else "")
     meta = {
         "machine": machine_name(),
         "vllm": vllm.__version__,

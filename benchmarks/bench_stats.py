@@ -140,6 +140,9 @@ def summarize(requests: Sequence[dict], seconds: float, k: int = 0) -> dict:
         "forwards": forwards,
         "tokens_per_forward": tokens_per_forward(n_tokens, forwards),
         "verify_steps": sum(len(a) for a in accepted),
+        # decode steps (forwards after the prefill) that verified drafts
+        "drafting_share": (sum(len(a) for a in accepted) / (forwards - len(requests))) if k and forwards > len(requests) else None,
+        "mean_drafted": mean([d for lst in drafted for d in lst]) if k else None,
         "mean_acceptance_length": mean_acceptance_length(accepted),
         "acceptance_per_position": acceptance_per_position(accepted, k, drafted) if k else [],
         "acceptance_histogram": acceptance_histogram(accepted, k) if k else [],

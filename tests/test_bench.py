@@ -139,12 +139,15 @@ def test_default_methods_on_demo(tmp_path):
     args = bench.build_parser().parse_args(["--eagle3", str(tmp_path / "missing")])
     info = bench.checkpoint_info(bench.DEMO)
     methods, notes = bench.build_methods(args, info, bench.DEMO)
-    assert [m.name for m in methods] == ["ar", "tidar-k7", "tidar-k3", "ar-llama", "ngram"]
-    assert [m.num_spec for m in methods if m.kind == "tidar"] == [7 + 8 * 8, 3 + 4 * 8]
+    assert [m.name for m in methods] == ["ar", "tidar-adaptive", "tidar-k7", "tidar-k3", "ar-llama", "ngram"]
+    assert [m.num_spec for m in methods if m.kind == "tidar"] == [7 + 8 * 8, 7 + 8 * 8, 3 + 4 * 8]
+    fixed = next(m for m in methods if m.name == "tidar-k3").engine["speculative_config"]
+    assert fixed["num_speculative_tokens_per_batch_size"] == [[1, 16, 3]]  # fixed K: a one-range schedule
+    assert "num_speculative_tokens_per_batch_size" not in methods[1].engine["speculative_config"]
     assert {m.baseline for m in methods if m.kind == "tidar"} == {"ar"}
     assert next(m for m in methods if m.name == "ngram").baseline == "ar-llama"
     assert any("EAGLE-3 skipped" in n for n in notes)
-    args = bench.build_parser().parse_args(["--tidar-k", "all", "--methods", "tidar"])
+    args = bench.build_parser().parse_args(["--tidar-k", "all", "--methods", "tidar", "--no-adaptive"])
     methods, _ = bench.build_methods(args, info, bench.DEMO)
     assert [m.k for m in methods] == [7, 6, 5, 4, 3, 2, 1]
 
@@ -169,7 +172,7 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     assert [(r["method"], r["batch_size"]) for r in rows] == [
-        (m, b) for m in ("ar", "tidar-k3", "ngram") for b in (1, 2)
+        (m, b) for m in ("ar", "tidar-adaptive", "tidar-k3", "ngram") for b in (1, 2)
     ]
     for r in rows:
         assert r["requests"] == 2 and r["tokens"] == 2 * 6
@@ -185,6 +188,8 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
             ar = next(x for x in rows if x["method"] == "ar" and x["batch_size"] == r["batch_size"])
             assert r["speedup"] == pytest.approx(r["tokens_per_s"] / ar["tokens_per_s"])
             assert r["identical"] == 2  # greedy speculative decoding reproduces AR
+    adaptive = [r for r in rows if r["method"] == "tidar-adaptive"]
+    assert all(0 <= r["drafting_share"] <= 1 and "of steps drafting" in r["label"] for r in adaptive)
     td = [r for r in rows if r["method"] == "tidar-k3"]
     assert all(len(r["acceptance_per_position"]) == 3 and len(r["acceptance_histogram"]) == 4 for r in td)
     assert all(sum(r["acceptance_histogram"]) == r["verify_steps"] > 0 for r in td)
