@@ -29,14 +29,15 @@ def test_demo_runs_ar_and_tidar_in_vllm():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "in vLLM through the TiDAR plugin" in out and "block length 4, TiDAR K=3 (20 query tokens per step)" in out
+    assert "in vLLM through the TiDAR plugin" in out and "block length 4, TiDAR up to K=3 (20 query tokens per step)" in out
     lines = out.splitlines()
-    header = lines.index("| mode | tokens | tokens/s | speedup | tokens/forward | acceptance per draft position |")
+    header = lines.index("| mode | tokens | tokens/s | speedup | tokens/forward | steps drafting | acceptance per draft position |")
     ar, tidar = (line.split(" | ") for line in lines[header + 2 : header + 4])
     n = len(DEMO_PROMPTS)
     assert ar[0] == "| AR" and ar[1] == str(12 * n) and ar[3] == "1.00x" and ar[4] == "1.00"
-    assert tidar[0] == "| TiDAR K=3" and tidar[1] == str(12 * n)
-    assert float(tidar[4]) >= 1.0 and len(tidar[5].rstrip(" |").split()) == 3  # one rate per draft position
+    assert tidar[0] == "| TiDAR (adaptive, K≤3)" and tidar[1] == str(12 * n) and ar[5] == "—"
+    assert float(tidar[4]) >= 1.0 and tidar[5].endswith("%")
+    assert len(tidar[6].rstrip(" |").split()) == 3  # one rate per draft position
     assert f"TiDAR output identical to AR: True ({n}/{n} prompts)" in out
     assert lines[-1].strip() == f"vllm-tidar serve {ckpt} --enforce-eager"
     assert "TiDAR generate" in proc.stderr  # the progress bar's last stage

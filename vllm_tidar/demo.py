@@ -126,10 +126,11 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
         "speculative_config": {"method": "tidar", "num_speculative_tokens": num_drafts}}
     modes = [
         ("AR", {"hf_overrides": {"tidar_mode": "ar"}}),
-        (f"TiDAR K={layout.num_drafts}", {**tidar_engine, "per_request_spec_decode_metrics": "detailed"}),
+        (f"TiDAR (adaptive, K≤{layout.num_drafts})", {**tidar_engine, "per_request_spec_decode_metrics": "detailed"}),
     ]
     print(f"vllm-tidar demo: {checkpoint} in vLLM through the TiDAR plugin (CPU, fp32, enforce_eager); "
-          f"block length {layout.block_len}, TiDAR K={layout.num_drafts} ({layout.num_tokens} query tokens per step); "
+          f"block length {layout.block_len}, TiDAR up to K={layout.num_drafts} ({layout.num_tokens} query tokens per step), "
+          "drafting per step only where the measured step cost says it pays; "
           f"{len(ids)} prompts x {max_tokens} tokens, batch 1, greedy", flush=True)
     runs = {}
     stages = iter(STAGES)
@@ -151,13 +152,14 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
     outputs = {label: [r["token_ids"] for r in run["records"]] for label, run in runs.items()}
     same = st.identical_count(outputs[tidar_label], outputs[ar_label])
     print()
-    print("| mode | tokens | tokens/s | speedup | tokens/forward | acceptance per draft position |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| mode | tokens | tokens/s | speedup | tokens/forward | steps drafting | acceptance per draft position |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for label, row in rows.items():
         acc = " ".join(f"{a:.2f}" if a is not None else "—" for a in row["acceptance_per_position"]) or "—"
         speed = row["tokens_per_s"] / rows[ar_label]["tokens_per_s"]
+        share = "—" if row["drafting_share"] is None else f"{row['drafting_share']:.0%}"
         print(f"| {label} | {row['tokens']} | {row['tokens_per_s']:.1f} | {speed:.2f}x | "
-              f"{row['tokens_per_forward']:.2f} | {acc} |")
+              f"{row['tokens_per_forward']:.2f} | {share} | {acc} |")
     print(f"\nTiDAR output identical to AR: {same == len(ids)} ({same}/{len(ids)} prompts)")
     cores = os.cpu_count() or 1
     if load > cores:

@@ -12,8 +12,9 @@ mask slots to vLLM as extra draft tokens). For such requests the model
 * in ``compute_logits`` (optionally mixes the bonus-mask logits in with ``beta``),
   sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted, and
   stashes, per request, the next drafts for every acceptance count (a
-  ``(K+1, block_len-1)`` argmax over ``layout.block_draft_index``): the proposer picks
-  row ``a`` and keeps as many drafts as the next step takes (no second model pass).
+  ``(K+1, K_max)`` argmax over ``layout.block_draft_index``): the proposer picks row
+  ``a`` and keeps as many drafts as the next step takes (no second model pass). The
+  lm_head runs only on the rows something reads (verify rows, draft rows).
 
 K may change from step to step (adaptive drafting): the proposer calls
 ``tidar_use_num_drafts(k)`` for the step it proposes, and the model detects steps of
@@ -84,18 +85,26 @@ class _StepTensors:
     rows: torch.Tensor  # arange(L)
     position_shift: torch.Tensor  # layout RoPE offset of each row minus its row index
     bonus_rows: torch.Tensor  # beta mixing: mask row predicting the same position as verify row i
-    draft_index: torch.Tensor  # (K+1, block_len-1): draft rows of each block
+    draft_index: torch.Tensor  # (K+1, K_max): draft rows of each block, as many as the proposer may take
+    skip_rows: torch.Tensor  # rows whose logits nothing reads (no lm_head for them)
 
     @classmethod
-    def build(cls, layout: DecodeLayout, device) -> "_StepTensors":
+    def build(cls, layout: DecodeLayout, device, max_drafts: int, beta: float) -> "_StepTensors":
         rows = torch.arange(layout.num_tokens)
+        draft_index = layout.block_draft_index[:, :max_drafts]
+        read = torch.zeros(layout.num_tokens, dtype=torch.bool)
+        read[: layout.num_verify] = True
+        read[draft_index.flatten()] = True
+        if beta != 1.0:
+            read[[layout.bonus_mask_row(i) for i in range(layout.num_verify)]] = True
         return cls(
             layout=layout,
             step_mask=StepMask(layout, 0, device),
             rows=rows.to(device),
             position_shift=(layout.position_offsets - rows).to(device),
             bonus_rows=torch.tensor([layout.bonus_mask_row(i) for i in range(layout.num_verify)], device=device),
-            draft_index=layout.block_draft_index.to(device),
+            draft_index=draft_index.to(device),
+            skip_rows=(~read).nonzero().flatten().to(device),
         )
 
 
@@ -116,6 +125,7 @@ class _TiDARMixin:
         backend = _tidar_attention_backend(device)
         self._tidar_device = device
         self._tidar_tensors: dict[int, _StepTensors] = {}
+        self._tidar_max_drafts = self.tidar_layout.num_drafts if self.tidar_layout is not None else 0
         if self.tidar_layout is not None:
             self.tidar_use_num_drafts(self.tidar_layout.num_drafts)
         # every attention layer runs through the TiDAR backend (plain AR mode too, so
@@ -191,7 +201,8 @@ class _TiDARMixin:
         t = self._tidar_tensors.get(k)
         if t is None:
             t = self._tidar_tensors[k] = _StepTensors.build(
-                DecodeLayout(self.tidar_settings.block_length, k), self._tidar_device
+                DecodeLayout(self.tidar_settings.block_length, k), self._tidar_device, self._tidar_max_drafts,
+                self.tidar_settings.beta,
             )
         self._tidar_t = t
         self.tidar_layout = t.layout
@@ -206,40 +217,63 @@ class _TiDARMixin:
 
     # --- logits --------------------------------------------------------------------------
     def compute_logits(self, hidden_states: torch.Tensor):
-        logits = super().compute_logits(hidden_states)
-        if logits is None:
-            return logits
         layout, last = self.tidar_layout, self._tidar_last
         self._tidar_drafts = None
+        plan = self._tidar_logits_plan(hidden_states.shape[0]) if layout is not None and last is not None else None
+        if plan is None or plan[2] is None:
+            logits = super().compute_logits(hidden_states)
+        else:  # lm_head only on the rows anything reads; the rest are 0 (never accepted)
+            part = super().compute_logits(hidden_states[plan[2]])
+            logits = None if part is None else part.new_zeros(hidden_states.shape[0], part.shape[1]).index_copy_(0, plan[2], part)
+        if logits is None:
+            return logits
         logits[:, self.tidar_mask_id] = -torch.inf
-        if layout is None or last is None:
+        if plan is None:
             return logits
-        # logits rows per request (host lists): every scheduled row for a request given
-        # drafts (TiDAR or degraded decode step), one row otherwise
-        qsl, pre = last.query_start_loc, last.prefilling
-        counts = [(e - s) if (not p and e - s > 1) else 1 for s, e, p in zip(qsl[:-1], qsl[1:], pre)]
-        if sum(counts) != logits.shape[0]:  # e.g. a preempted request recomputing its output
-            logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
-            return logits
-        offs = torch.tensor([0, *counts[:-1]], device=logits.device).cumsum(0)
-        flags = last.tidar
+        offs, flags, _ = plan
+        tt = self._tidar_t
         beta = self.tidar_settings.beta
         if beta != 1.0 and bool(flags.any()):
             t_offs = offs[flags][:, None]
             verify = t_offs + torch.arange(layout.num_verify, device=logits.device)
-            bonus = t_offs + self._tidar_t.bonus_rows
+            bonus = t_offs + tt.bonus_rows
             logits[verify] = beta * logits[verify] + (1.0 - beta) * logits[bonus]
             logits[:, self.tidar_mask_id] = -torch.inf
-        # next drafts of every request for every acceptance count: (R, K+1, block_len-1);
-        # rows of requests that ran no TiDAR step are clamped junk, dropped by the flags
-        idx = (offs[:, None, None] + self._tidar_t.draft_index).clamp_(max=logits.shape[0] - 1)
+        # next drafts of every request for every acceptance count: (R, K+1, K_max); rows of
+        # requests that ran no TiDAR step are clamped junk, dropped by the flags
+        idx = (offs[:, None, None] + tt.draft_index).clamp_(max=logits.shape[0] - 1)
         self._tidar_drafts = (flags, logits[idx].argmax(-1))
         return logits
 
+    def _tidar_logits_plan(self, num_rows: int):
+        """(first logits row per request, TiDAR flags, rows to run the lm_head on or None
+        for all) for the last forward; None when its rows cannot be mapped to requests.
+
+        A TiDAR step's logits rows that nothing reads (mask 0 of each block unless beta
+        mixes it in, masks past the largest K the proposer drafts) are left out: vLLM's
+        rejection sampler stops at the first MASK draft, before any of them."""
+        last = self._tidar_last
+        # logits rows per request (host lists): every scheduled row for a request given
+        # drafts (TiDAR or degraded decode step), one row otherwise
+        qsl, pre = last.query_start_loc, last.prefilling
+        counts = [(e - s) if (not p and e - s > 1) else 1 for s, e, p in zip(qsl[:-1], qsl[1:], pre)]
+        if sum(counts) != num_rows:  # e.g. a preempted request recomputing its output
+            logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
+            return None
+        dev = last.tidar.device
+        offs = torch.tensor([0, *counts[:-1]], device=dev).cumsum(0)
+        flags = last.tidar
+        skip = self._tidar_t.skip_rows
+        if not skip.numel() or not bool(flags.any()):
+            return offs, flags, None
+        need = torch.ones(num_rows, dtype=torch.bool, device=dev)
+        need[(offs[flags][:, None] + skip).flatten()] = False
+        return offs, flags, need.nonzero().flatten()
+
     def take_tidar_drafts(self) -> dict[int, list[list[int]]]:
         """Next drafts of the last step's full TiDAR requests, by batch row: ``K+1`` lists
-        of ``block_len - 1`` drafts, list ``a`` for ``a`` accepted drafts (the proposer
-        keeps as many as the next step drafts)."""
+        of ``K_max`` drafts (the configured K), list ``a`` for ``a`` accepted drafts (the
+        proposer keeps as many as the next step drafts)."""
         d, self._tidar_drafts = self._tidar_drafts, None
         if d is None:
             return {}
