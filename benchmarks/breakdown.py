@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vllm_tidar.checkpoint import DEMO_CHECKPOINT
+from vllm_tidar.errors import TidarError
 
 PARTS = ("schedule", "inputs", "attention", "forward", "logits", "sample", "propose", "update", "other")
 
@@ -110,14 +111,20 @@ class StepTimers:
                 delattr(obj, name)
 
 
-def method_engines(ckpt: Path, ks: list[int]) -> list[tuple[str, dict]]:
+def method_engines(ckpt: Path, tidar: list[tuple[int, int]]) -> list[tuple[str, dict]]:
+    """(label, engine kwargs): stock AR, AR in the TiDAR class, then TiDAR at fixed
+    (block length, K) pairs (a block length other than the checkpoint's is an hf override)."""
     from vllm_tidar.plugin.common import BASE_ARCHITECTURES
 
     info = json.loads((ckpt / "config.json").read_text())
     stock = [BASE_ARCHITECTURES[a] for a in info["architectures"]]
     rows = [("AR (stock)", {"hf_overrides": {"architectures": stock}}),
             ("AR (TiDAR class)", {"hf_overrides": {"tidar_mode": "ar"}})]
-    rows += [(f"TiDAR K={k}", {"speculative_config": {"method": "tidar", "num_speculative_tokens": k}}) for k in ks]
+    for bl, k in tidar:
+        engine = {"speculative_config": {"method": "tidar", "num_speculative_tokens": k}}
+        if bl != info["tidar"]["block_length"]:
+            engine["hf_overrides"] = {"tidar": {**info["tidar"], "block_length": bl}}
+        rows.append((f"TiDAR Bl={bl} K={k}", engine))
     return rows
 
 
@@ -129,7 +136,7 @@ def measure(ckpt: Path, label: str, engine: dict, prompts, batch_sizes, max_toke
 
     max_batch = max(batch_sizes)
     k = engine.get("speculative_config", {}).get("num_speculative_tokens")
-    bl = json.loads((ckpt / "config.json").read_text())["tidar"]["block_length"]
+    bl = engine.get("hf_overrides", {}).get("tidar", json.loads((ckpt / "config.json").read_text())["tidar"])["block_length"]
     big_l = DecodeLayout(bl, k).num_tokens if k else 1
     llm = LLM(model=str(ckpt), enforce_eager=True, dtype=dtype, seed=0, max_model_len=1024,
               max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * big_l),
@@ -178,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-tidar breakdown", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     p.add_argument("--batch-sizes", default="1,16")
-    p.add_argument("--tidar-k", default="7,3", help="TiDAR drafts per step to profile (comma-separated)")
+    p.add_argument("--tidar", default="8:7,4:3",
+                   help="TiDAR steps to profile as BLOCK_LENGTH:K pairs (default 8:7,4:3: L = 72 and 20)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--methods", default="all", help="comma-separated labels' first words: stock,class,tidar (default all)")
@@ -189,13 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_TIDAR_ADAPTIVE"] = "0"  # each TiDAR row keeps its K
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args = build_parser().parse_args(argv)
     from vllm_tidar.benchmarks.bench import load_prompts, machine_name
 
     ckpt = Path(args.checkpoint)
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    ks = [int(x) for x in args.tidar_k.split(",") if x]
+    try:
+        tidar = [(int(a), int(b)) for a, b in (x.split(":") for x in args.tidar.split(",") if x)]
+    except ValueError:
+        raise TidarError(f"--tidar: expected BLOCK_LENGTH:K pairs, got {args.tidar!r}") from None
     texts, _ = load_prompts(None, max(batch_sizes))
     from transformers import AutoTokenizer
 
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tok(t)["input_ids"] for t in texts]
     while len(prompts) < max(batch_sizes):
         prompts += prompts
-    engines = method_engines(ckpt, ks)
+    engines = method_engines(ckpt, tidar)
     if args.methods != "all":
         keep = {"stock": "AR (stock)", "class": "AR (TiDAR class)", "tidar": "TiDAR"}
         want = [keep[m] for m in args.methods.split(",")]
