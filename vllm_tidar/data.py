@@ -1,4 +1,4 @@
-"""Training text: a folder of text/code files or a jsonl file, packed into fixed-length rows."""
+"""Training text (a folder of text/code files or a jsonl file) and token-id documents, packed into fixed-length rows."""
 
 from __future__ import annotations
 
@@ -43,6 +43,28 @@ def read_documents(source: str | Path, what: str = "training data") -> list[tupl
             f"no readable text files ({', '.join(sorted(TEXT_SUFFIXES))}) found in {what} folder {src}"
         )
     return docs
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TidarError(f"cannot read {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TidarError(f"{path}:{n} is not valid JSON") from None
+        text = next((row[k] for k in JSONL_FIELDS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
+        if text is None:
+            raise TidarError(f"{path}:{n} has none of the fields {', '.join(JSONL_FIELDS)}")
+        texts.append(text)
+    if not texts:
+        raise TidarError(f"{path} holds no documents")
+    return texts
 
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
