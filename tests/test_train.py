@@ -9,7 +9,8 @@ from vllm_tidar.checkpoint import load_tidar
 from vllm_tidar.layout import TrainingLayout
 from vllm_tidar.reference import ReferenceDecoder
 from vllm_tidar.data import pack, read_texts
-from vllm_tidar.train import TrainConfig, _load, lr_at, tidar_loss, train
+from vllm_tidar.objective import tidar_loss
+from vllm_tidar.train import TrainConfig, _load, lr_at, train
 
 
 def test_training_lowers_both_losses_and_saves_a_tidar_checkpoint(base, data, tmp_path):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .distributed import checkpoint_activations
 from .layout import TrainingLayout
-from .train import tidar_loss
+from .objective import tidar_loss
 
 MIB = 2**20
 

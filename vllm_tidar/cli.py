@@ -1,4 +1,4 @@
-"""``vllm-tidar`` command line: demo, train, build-demo, tokens-per-forward, and the
+"""``vllm-tidar`` command line: demo, distill-data, train, build-demo, tokens-per-forward, and the
 benchmarks in ``benchmarks/`` (bench, profile, quality; each parses its own options)."""
 
 from __future__ import annotations
@@ -42,17 +42,41 @@ def cmd_train(args) -> int:
         steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, alpha=args.alpha,
         dtype=args.dtype, device=args.device, save_every=args.save_every, seed=args.seed,
         resume=args.resume, activation_checkpointing=args.activation_checkpointing,
+        distill_data=args.distill_data, distill_ratio=args.distill_ratio, real_diff_weight=args.real_diff_weight,
+        distill_ar_weight=args.distill_ar_weight, kl_weight=args.kl_weight,
     )
     if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
         from .distributed import check_launch
 
-        cfg.validate()
+        cfg.validate(args.nproc)
         check_launch(args.nproc, cfg.device, cfg.batch_size)
         return _torchrun(args.nproc, args.argv)
     out = train(cfg)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         print(f"saved TiDAR checkpoint to {out}")
     return 0
+
+
+def cmd_distill_data(args) -> None:
+    import os
+
+    from .distill import DistillConfig, distill
+
+    if len(args.prompt_lengths) not in (1, 2):
+        raise TidarError(f"--prompt-lengths takes MIN,MAX or one length, got {','.join(map(str, args.prompt_lengths))}")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    cfg = DistillConfig(
+        checkpoint=args.checkpoint, corpus=args.corpus, out=args.out, num_samples=args.num_samples,
+        prompt_lengths=(args.prompt_lengths[0], args.prompt_lengths[-1]), completion_len=args.max_tokens,
+        temperature=args.temperature, batch_size=args.batch_size, held_out=args.held_out, seed=args.seed,
+        dtype=args.dtype, resume=args.resume,
+    )
+    r = distill(cfg)
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(r["refused"].items())) or "none"
+    print(f"{cfg.out}: {r['samples']} samples ({r['new']} new); prompt windows refused for overlapping the "
+          f"evaluation sets: {sum(r['refused'].values())} ({refused}); corpus files skipped as evaluation "
+          f"sources: {len(r['skipped_files'])}")
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
@@ -130,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
     d.set_defaults(fn=cmd_demo)
 
+    x = sub.add_parser("distill-data", help="the checkpoint's own AR continuations of corpus prompts (vLLM), as token ids")
+    x.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="TiDAR checkpoint, served as plain AR "
+                   "(default: the bundled demo)")
+    x.add_argument("--corpus", required=True, help="folder of text/code files, or a .jsonl with a 'text' field")
+    x.add_argument("--out", required=True, help="the .jsonl to write: {sample, prompt_ids, completion_ids} per line")
+    x.add_argument("--num-samples", type=int, default=1000)
+    x.add_argument("--prompt-lengths", type=_ints, default=(32, 96), help="MIN,MAX prompt tokens (default 32,96)")
+    x.add_argument("--max-tokens", type=int, default=160, help="new tokens per prompt, fewer at EOS (default 160)")
+    x.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled, seeded per sample")
+    x.add_argument("--batch-size", type=int, default=64, help="prompts per vLLM generate call")
+    x.add_argument("--held-out", default=None, help="folder or .jsonl of evaluation texts kept out of the prompts "
+                   "(HumanEval always is)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--dtype", default="float32")
+    x.add_argument("--resume", action="store_true", help="append the samples --out lacks (same settings)")
+    x.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
+    x.set_defaults(fn=cmd_distill_data)
+
     t = sub.add_parser("train", help="convert an AR checkpoint into TiDAR (continued pretraining)")
     t.add_argument("--base", required=True, help="AR (Llama/Qwen2/Qwen3) checkpoint folder")
     t.add_argument("--data", required=True, help="folder of text/code files, or a .jsonl with a 'text' field")
@@ -152,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks on this node (torchrun + FSDP2; gloo on CPU, NCCL on CUDA); --batch-size stays global")
     t.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute decoder-layer activations in backward (less memory for the doubled sequence)")
+    t.add_argument("--distill-data", default=None, help="a `vllm-tidar distill-data` .jsonl mixed into every batch")
+    t.add_argument("--distill-ratio", type=float, default=0.5,
+                   help="fraction of each batch's rows from --distill-data (default 0.5)")
+    t.add_argument("--real-diff-weight", type=float, default=1.0,
+                   help="diffusion-loss weight of real-text rows (their AR weight is 1; default 1)")
+    t.add_argument("--distill-ar-weight", type=float, default=0.0,
+                   help="AR-loss weight of distilled rows (their diffusion weight is 1; default 0)")
+    t.add_argument("--kl-weight", type=float, default=0.0,
+                   help="weight of KL(frozen --base || model) of the AR head on real rows (default 0; 1 process)")
     t.set_defaults(fn=cmd_train)
 
     b = sub.add_parser("build-demo", help="rebuild the demo checkpoint from scratch on CPU")

@@ -1,4 +1,4 @@
-"""Training text: a folder of text/code files or a jsonl file, packed into fixed-length rows."""
+"""Training text (a folder of text/code files or a jsonl file) and token-id documents, packed into fixed-length rows."""
 
 from __future__ import annotations
 
@@ -13,30 +13,36 @@ TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".ts", ".java"
 JSONL_FIELDS = ("text", "content", "code")
 
 
-def read_texts(source: str | Path) -> list[str]:
+def read_texts(source: str | Path, what: str = "training data") -> list[str]:
     """Documents from a folder (recursively, known text suffixes) or a jsonl file."""
+    return [text for _, text in read_documents(source, what)]
+
+
+def read_documents(source: str | Path, what: str = "training data") -> list[tuple[Path, str]]:
+    """``(file, text)`` of every document (a .jsonl's documents all name the .jsonl);
+    ``what`` names the source in error messages."""
     src = Path(source)
     if src.is_file() and src.suffix == ".jsonl":
-        return _read_jsonl(src)
+        return [(src, text) for text in _read_jsonl(src)]
     if not src.is_dir():
-        raise TidarError(f"training data {src} is neither a folder nor a .jsonl file")
-    texts = []
+        raise TidarError(f"{what} {src} is neither a folder nor a .jsonl file")
+    docs = []
     try:
         files = sorted(p for p in src.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
     except OSError as e:
-        raise TidarError(f"cannot read training data folder {src}: {e}") from None
+        raise TidarError(f"cannot read {what} folder {src}: {e}") from None
     for path in files:
         try:
             text = path.read_text(encoding="utf-8", errors="ignore")
         except OSError:
             continue  # unreadable single files are skipped; an empty result is an error below
         if text.strip():
-            texts.append(text)
-    if not texts:
+            docs.append((path, text))
+    if not docs:
         raise TidarError(
-            f"no readable text files ({', '.join(sorted(TEXT_SUFFIXES))}) found in training data folder {src}"
+            f"no readable text files ({', '.join(sorted(TEXT_SUFFIXES))}) found in {what} folder {src}"
         )
-    return texts
+    return docs
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -63,11 +69,17 @@ def _read_jsonl(path: Path) -> list[str]:
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """Tokenize, join documents with EOS and cut into rows of ``seq_len`` tokens."""
-    eos = tokenizer.eos_token_id
+    return pack_ids([tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts],
+                    tokenizer.eos_token_id, seq_len)
+
+
+def pack_ids(docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
+    """Join token-id documents, each ended by ``eos`` (unless it already ends with it), and cut
+    into rows of ``seq_len`` tokens (the tail shorter than a row is dropped)."""
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
+    for doc in docs:
+        ids.extend(doc)
+        if eos is not None and (not doc or doc[-1] != eos):
             ids.append(eos)
     rows = len(ids) // seq_len
     if rows == 0:

@@ -305,6 +305,15 @@ class TrainingLayout:
         """``tokens`` (B, S) -> (B, 2S) with the mask half all ``mask_token_id``."""
         return torch.cat([tokens, torch.full_like(tokens, mask_token_id)], dim=-1)
 
+    @property
+    def labelled_per_row(self) -> tuple[int, int]:
+        """Labelled tokens of one row: (clean half S-1, the last has no next token; mask half S)."""
+        return self.seq_len - 1, self.seq_len
+
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean half, mask half) of a (B, 2S, ...) tensor such as the logits."""
+        return x[:, : self.seq_len], x[:, self.seq_len :]
+
     def labels(self, tokens: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
         """(AR labels for the clean half, diffusion labels for the mask half)."""
         ar = torch.full_like(tokens, ignore_index)

@@ -2,27 +2,37 @@
 
 Each row is doubled, ``[x_0..x_{S-1} | S masks]`` (``layout.TrainingLayout``): the clean
 half learns next-token prediction under a causal mask, the all-mask half learns one-step
-diffusion of its own block. Loss = (alpha * mean L_AR + mean L_Diff) / (1 + alpha).
+diffusion of its own block. Loss = (alpha * L_AR + L_Diff) / (1 + alpha) [+ kl_weight * L_KL],
+weighted means over the step's rows (``objective``).
+
+With ``distill_data`` (a ``vllm-tidar distill-data`` file) every micro-batch holds
+``round(distill_ratio * batch_size)`` rows of the model's own continuations after its real-text
+rows; real rows weigh 1 in L_AR and ``real_diff_weight`` in L_Diff, distilled rows
+``distill_ar_weight`` in L_AR and 1 in L_Diff, so the AR head keeps learning real text while
+the mask blocks learn to predict what the AR head says.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
+import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import TidarSettings, check_family, ensure_mask_token, save_tidar
-from .data import pack, read_texts
+from .data import pack, pack_ids, read_texts
+from .distill import read_samples
 from .distributed import DistEnv, checkpoint_activations, full_state_dict, init_from_env, load_sharded, save_sharded, shard
 from .errors import TidarError
 from .layout import TrainingLayout
+from .mixing import MixedBatches
+from .objective import combine, row_losses
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"  # one JSON line per step (rank 0): losses of the global batch, lr, clean tokens so far
@@ -49,8 +59,17 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     activation_checkpointing: bool = False  # recompute decoder-layer activations in backward
+    distill_data: str | None = None  # a distill-data .jsonl (token ids of prompts + the model's continuations)
+    distill_ratio: float = 0.5  # fraction of each micro-batch's rows taken from distill_data
+    real_diff_weight: float = 1.0  # L_Diff weight of real-text rows (their L_AR weight is 1)
+    distill_ar_weight: float = 0.0  # L_AR weight of distilled rows (their L_Diff weight is 1)
+    kl_weight: float = 0.0  # weight of KL(frozen base || model) of the AR head on real rows
 
-    def validate(self) -> None:
+    def distill_rows(self) -> int:
+        """Distilled rows per micro-batch (0 without distill_data)."""
+        return round(self.distill_ratio * self.batch_size) if self.distill_data else 0
+
+    def validate(self, world: int = 1) -> None:
         for bl in self.block_lengths:
             if bl < 2:
                 raise TidarError(f"block length must be >= 2, got {bl}")
@@ -62,6 +81,14 @@ class TrainConfig:
             raise TidarError("steps, batch_size and grad_accum must be positive")
         if self.alpha < 0:
             raise TidarError(f"alpha must be >= 0, got {self.alpha}")
+        if min(self.real_diff_weight, self.distill_ar_weight, self.kl_weight) < 0:
+            raise TidarError("loss weights (real diff, distill AR, KL) must be >= 0")
+        if not 0 <= self.distill_ratio <= 1:
+            raise TidarError(f"distill ratio must be in [0, 1], got {self.distill_ratio}")
+        if self.distill_data and self.distill_rows() == 0:
+            raise TidarError(f"distill ratio {self.distill_ratio} gives no distilled row in a batch of {self.batch_size}")
+        if self.kl_weight and world > 1:
+            raise TidarError("--kl-weight runs in one process only (the frozen base is not sharded)")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -71,20 +98,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     t = (step - warm) / max(1, cfg.steps - warm)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def tidar_loss(model, tokens: torch.Tensor, layout: TrainingLayout, mask_id: int, alpha: float):
-    """(total, L_AR, L_Diff) for a batch of clean rows (B, S)."""
-    dev = tokens.device
-    ids = layout.input_ids(tokens, mask_id)
-    pos = layout.position_ids.to(dev).expand(tokens.shape[0], -1)
-    attn = layout.template.to(dev)[None, None].expand(tokens.shape[0], 1, -1, -1)
-    logits = model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=False).logits.float()
-    s = layout.seq_len
-    ar_labels, diff_labels = layout.labels(tokens)
-    l_ar = F.cross_entropy(logits[:, :s].flatten(0, 1), ar_labels.flatten(), ignore_index=-100)
-    l_diff = F.cross_entropy(logits[:, s:].flatten(0, 1), diff_labels.flatten())
-    return (alpha * l_ar + l_diff) / (1 + alpha), l_ar, l_diff
 
 
 def _load(cfg: TrainConfig, device: str | None = None):
@@ -108,7 +121,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     ``batch_size / world`` rows of every global micro-batch, so the global batch, the data order,
     the step count and the schedule (all in global tokens) are those of a 1-process run.
     """
-    cfg.validate()
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     env = init_from_env(cfg.device, cfg.batch_size)
     try:
         return _train(cfg, env, progress)
@@ -120,7 +133,12 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     texts = read_texts(cfg.data)
     model, tokenizer, mask_id = _load(cfg, env.device)
-    rows = pack(texts, tokenizer, cfg.seq_len)
+    distilled = None
+    if cfg.distill_data:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        distilled = pack_ids(read_samples(cfg.distill_data, vocab), tokenizer.eos_token_id, cfg.seq_len)
+    mix = MixedBatches(pack(texts, tokenizer, cfg.seq_len), distilled, cfg)
+    base = _frozen_base(cfg, env.device) if cfg.kl_weight else None
     layouts = [TrainingLayout(cfg.seq_len, bl) for bl in cfg.block_lengths]
     settings = TidarSettings(cfg.block_lengths[0], mask_id)
     on_cuda = torch.device(env.device).type == "cuda"
@@ -144,9 +162,10 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     elif env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_FILE).write_text("")
-    order = _row_order(len(rows), cfg.seed)
     micro = cfg.batch_size * cfg.grad_accum
     local = cfg.batch_size // env.world  # this rank's rows of each global micro-batch
+    mine = slice(env.rank * local, (env.rank + 1) * local)
+    sources = (("real", mix.real_rows), ("distill", mix.distilled_rows)) if mix.n_distill else ()
     autocast = torch.autocast(device_type=torch.device(env.device).type, dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bf16" and not fsdp_bf16)
 
@@ -156,29 +175,36 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     t0, seen = time.perf_counter(), 0
     for step in bar:
         layout = layouts[step % len(layouts)]
+        norms = mix.weights.normalisers(layout, cfg.grad_accum)  # the whole step's rows, all ranks
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
-        l_ar_sum = l_diff_sum = 0.0
+        logs: dict[str, float] = defaultdict(float)  # this rank's share of each loss of the step
         for m in range(cfg.grad_accum):
-            first = step * micro + m * cfg.batch_size + env.rank * local
-            idx = [order[(first + i) % len(order)] for i in range(local)]
-            batch = rows[idx].to(env.device)
+            batch = mix.rows(step * cfg.grad_accum + m, mine).to(env.device)
             if env.world > 1:
                 model.set_requires_gradient_sync(m == cfg.grad_accum - 1)  # reduce-scatter once per step
             with autocast:
-                loss, l_ar, l_diff = tidar_loss(model, batch, layout, mask_id, cfg.alpha)
-            (loss / cfg.grad_accum).backward()
-            l_ar_sum += l_ar.item() / cfg.grad_accum
-            l_diff_sum += l_diff.item() / cfg.grad_accum
+                parts = row_losses(model, batch, layout, mask_id, base)
+                loss, l_ar, l_diff, l_kl = combine(parts, mix.weights[mine], norms, cfg.alpha, cfg.kl_weight)
+            (loss * env.world).backward()  # FSDP averages gradients over ranks; the shares add up
+            for key, value in (("loss", loss), ("l_ar", l_ar), ("l_diff", l_diff), ("l_kl", l_kl)):
+                logs[key] += value.item()
+            with torch.no_grad():
+                for name, w in sources:  # unweighted means per source
+                    _, s_ar, s_diff, _ = combine(parts, w[mine], w.normalisers(layout, cfg.grad_accum), cfg.alpha)
+                    logs[f"l_ar_{name}"] += s_ar.item()
+                    logs[f"l_diff_{name}"] += s_diff.item()
             seen += batch.numel() * 2 * env.world
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        l_ar_sum, l_diff_sum = env.mean(l_ar_sum), env.mean(l_diff_sum)
+        if not cfg.kl_weight:
+            del logs["l_kl"]
+        logs = {k: env.mean(v) * env.world for k, v in logs.items()}
         tok_s = seen / (time.perf_counter() - t0)
-        bar.set_postfix(ar=f"{l_ar_sum:.3f}", diff=f"{l_diff_sum:.3f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(ar=f"{logs['l_ar']:.3f}", diff=f"{logs['l_diff']:.3f}", tok_s=f"{tok_s:.0f}")
         if env.is_main:
-            entry = {"step": step + 1, "l_ar": l_ar_sum, "l_diff": l_diff_sum, "lr": lr_at(step, cfg),
+            entry = {"step": step + 1, **logs, "lr": lr_at(step, cfg),
                      "clean_tokens": (step + 1) * micro * cfg.seq_len, "doubled_tokens_per_s": tok_s}
             with open(out / LOG_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -188,10 +214,14 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     return out
 
 
-def _row_order(n: int, seed: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
+def _frozen_base(cfg: TrainConfig, device: str):
+    """The base checkpoint, frozen: the KL anchor of the AR head."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32, local_files_only=True,
+                                                attn_implementation="sdpa")
+    base.requires_grad_(False)
+    return base.to(device).eval()
 
 
 def _save(model, tokenizer, settings, opt, step: int, cfg: TrainConfig, out: Path, env: DistEnv) -> None:

@@ -1,0 +1,108 @@
+"""The trainer with self-distilled rows: batch composition, the configured per-row weights, resume, errors."""
+
+import json
+
+import pytest
+import torch
+
+from vllm_helpers import tiny_checkpoint
+from vllm_tidar.cli import main
+from vllm_tidar.data import pack, pack_ids, read_texts
+from vllm_tidar.distill import read_samples
+from vllm_tidar.layout import TrainingLayout
+from vllm_tidar.mixing import MixedBatches
+from vllm_tidar.objective import row_losses
+from vllm_tidar.train import LOG_FILE, TrainConfig, _load, train
+
+S = 32
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """Six samples of token ids (ids 2.., as the distill-data command writes them)."""
+    path = tmp_path_factory.mktemp("distill") / "d.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for i in range(6):
+            ids = torch.randint(2, 8192, (40,), generator=g).tolist()
+            f.write(json.dumps({"sample": i, "prompt_ids": ids[:10], "completion_ids": ids[10:]}) + "\n")
+    return path
+
+
+def _cfg(data, distilled, out, **kw):
+    args = dict(base=str(tiny_checkpoint()), data=str(data), out=str(out), block_lengths=(4,), seq_len=S,
+                batch_size=4, steps=1, lr=1e-3, min_lr=1e-3, warmup=0.0, save_every=100,
+                distill_data=str(distilled), distill_ratio=0.5, real_diff_weight=0.25, distill_ar_weight=0.5)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+
+
+def test_first_step_logs_the_configured_weighted_losses(data, distilled, tmp_path):
+    cfg = _cfg(data, distilled, tmp_path / "o", kl_weight=0.1)
+    model, tok, mask_id = _load(cfg)
+    real = pack(read_texts(data), tok, S)
+    dist = pack_ids(read_samples(distilled), tok.eos_token_id, S)
+    batch = MixedBatches(real, dist, cfg).rows(0)
+    # two real-text rows, then two distilled rows
+    assert all((real == row).all(1).any() for row in batch[:2])
+    assert all((dist == row).all(1).any() for row in batch[2:])
+    with torch.no_grad():
+        p = row_losses(model, batch, TrainingLayout(S, 4), mask_id, base=model)
+    ar, diff = p.ar.double(), p.diff.double()
+    want = {  # AR weights 1, 1, 0.5, 0.5; diffusion weights 0.25, 0.25, 1, 1; KL on real rows
+        "l_ar": (ar[0] + ar[1] + 0.5 * ar[2] + 0.5 * ar[3]) / (3 * (S - 1)),
+        "l_diff": (0.25 * diff[0] + 0.25 * diff[1] + diff[2] + diff[3]) / (2.5 * S),
+        "l_ar_real": (ar[0] + ar[1]) / (2 * (S - 1)),
+        "l_ar_distill": (ar[2] + ar[3]) / (2 * (S - 1)),
+        "l_diff_real": (diff[0] + diff[1]) / (2 * S),
+        "l_diff_distill": (diff[2] + diff[3]) / (2 * S),
+    }
+    train(cfg, progress=False)
+    entry = _log(tmp_path / "o")[0]
+    for key, value in want.items():
+        assert entry[key] == pytest.approx(value.item(), rel=1e-5), key
+    assert abs(entry["l_kl"]) < 1e-6  # the frozen base is the starting model
+    assert entry["loss"] == pytest.approx((entry["l_ar"] + entry["l_diff"]) / 2 + 0.1 * entry["l_kl"], rel=1e-6)
+
+
+def test_resume_with_distilled_rows_repeats_the_uninterrupted_run(data, distilled, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(_cfg(data, distilled, whole, steps=3), progress=False)
+    train(_cfg(data, distilled, split, steps=2), progress=False)
+    train(_cfg(data, distilled, split, steps=3, resume=True), progress=False)
+    a, b = _log(whole), _log(split)
+    assert [e["step"] for e in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for key in ("loss", "l_ar_real", "l_diff_distill"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5)
+    wa = _load(_cfg(data, distilled, whole, resume=True))[0].state_dict()
+    wb = _load(_cfg(data, distilled, split, resume=True))[0].state_dict()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _train_error(capsys, *args):
+    assert main(["train", "--base", str(tiny_checkpoint()), "--out", "/nonexistent/o", *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("vllm-tidar: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err  # (stderr also has transformers' loading bar)
+    return lines[0]
+
+
+def test_train_distill_options_give_one_line_errors(data, distilled, tmp_path, capsys):
+    common = ["--data", str(data), "--seq-len", str(S), "--batch-size", "4", "--distill-data", str(distilled)]
+    assert "gives no distilled row in a batch of 4" in _train_error(capsys, *common, "--distill-ratio", "0.1")
+    assert "distill ratio must be in [0, 1]" in _train_error(capsys, *common, "--distill-ratio", "1.5")
+    assert "must be >= 0" in _train_error(capsys, *common, "--distill-ar-weight", "-1")
+    assert "one process only" in _train_error(capsys, *common, "--kl-weight", "0.1", "--nproc", "2")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt_ids": [5], "completion_ids": [99999]}) + "\n")
+    assert "outside the vocabulary of 8192" in _train_error(capsys, "--data", str(data), "--seq-len", str(S),
+                                                            "--distill-data", str(bad), "--out", str(tmp_path / "o"))
+    bad.write_text('{"prompt_ids": [5]}\n')
+    assert "needs integer lists" in _train_error(capsys, "--data", str(data), "--seq-len", str(S),
+                                                 "--distill-data", str(bad), "--out", str(tmp_path / "o"))
