@@ -172,12 +172,15 @@ def test_attention_backend_without_tidar_steps_is_the_stock_kernel(monkeypatch):
 
 def test_step_mask_rows_are_the_template_after_each_prefix():
     layout = DecodeLayout(4, 2)
+    big_l, n_verify = layout.num_tokens, layout.num_verify
     sm = StepMask(layout, 0)
-    m = sm.mask_rows(torch.tensor([3, 0, 7]), 8)
-    assert m.shape == (3, layout.num_mask_slots, 8 + layout.num_tokens)
+    width = 7 + big_l + 5
+    m = sm.mask_rows(torch.tensor([3, 0, 7]), width)
+    assert m.shape == (3, layout.num_mask_slots, width)
     for t, p in enumerate([3, 0, 7]):
-        assert m[t, :, :p].all() and not m[t, :, p:8].any()
-        assert torch.equal(m[t, :, 8:], layout.template[layout.num_verify :])
+        assert m[t, :, :p].all()  # the committed prefix
+        assert torch.equal(m[t, :, p : p + big_l], layout.template[n_verify:])  # the step rows
+        assert not m[t, :, p + big_l :].any()  # padding
 
 
 # --- proposer ------------------------------------------------------------------------------

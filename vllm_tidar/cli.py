@@ -98,17 +98,28 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_build_demo(args) -> None:
-    """Rebuild the demo checkpoint from scratch (tokenizer, base, TiDAR training)."""
+    """Rebuild the demo checkpoint from scratch: tokenizer, base, TiDAR training, then
+    self-distillation (distill-data with vLLM, and the fine-tune of ``DEMO_DISTILL_RECIPE``)."""
     import tempfile
 
-    from .demo_base import DEMO_RECIPE, build_base, write_corpus
+    from .demo_base import DEMO_DISTILL, DEMO_DISTILL_RECIPE, DEMO_DISTILL_STEPS, DEMO_RECIPE, build_base, write_corpus
+    from .distill import DistillConfig, distill
     from .train import TrainConfig, train
 
+    if args.distill_steps is None:
+        args.distill_steps = DEMO_DISTILL_STEPS
+
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_base(Path(tmp) / "base", seed=args.seed)
-        corpus = write_corpus(Path(tmp) / "corpus.jsonl")
-        cfg = TrainConfig(base=str(base), data=str(corpus), out=args.out, **DEMO_RECIPE, steps=args.steps, seed=args.seed)
-        train(cfg)
+        tmp = Path(tmp)
+        base = build_base(tmp / "base", seed=args.seed)
+        corpus = write_corpus(tmp / "corpus.jsonl")
+        stage1 = str(tmp / "tidar") if args.distill_steps else args.out
+        train(TrainConfig(base=str(base), data=str(corpus), out=stage1, **DEMO_RECIPE, steps=args.steps, seed=args.seed))
+        if args.distill_steps:
+            data = tmp / "distill.jsonl"
+            distill(DistillConfig(checkpoint=stage1, corpus=str(corpus), out=str(data), seed=args.seed, **DEMO_DISTILL))
+            train(TrainConfig(base=stage1, data=str(corpus), out=args.out, distill_data=str(data), **DEMO_DISTILL_RECIPE,
+                              steps=args.distill_steps, seed=args.seed))
     print(f"saved demo checkpoint to {args.out}")
 
 
@@ -128,14 +139,36 @@ def cmd_train_eagle3(args) -> None:
 
 
 def cmd_tpf(args) -> None:
-    from .tokens_per_forward import humaneval_prompts, measure
+    import json
 
-    prompts = humaneval_prompts(args.limit)
-    for bl in args.block_lengths:
-        stats = measure(args.checkpoint, prompts, bl, args.max_tokens, args.check_ar)
-        print(f"block length {bl}: {stats['tokens_per_forward']:.3f} tokens/forward over {stats['prompts']} prompts "
-              f"({stats['tokens']} tokens, {stats['forwards']} forwards, mean accepted drafts/step "
-              f"{stats['mean_accepted_drafts']:.2f}), identical to AR: {stats['identical_to_ar']}")
+    from .checkpoint import load_tidar
+    from .tokens_per_forward import held_out_loss, humaneval_prompts, measure, source_prompts
+
+    loaded = load_tidar(args.checkpoint)
+    sets = {"HumanEval": humaneval_prompts(args.limit)}
+    for folder in args.prompts_from or ():
+        sets[Path(folder).name] = source_prompts(folder, args.held_out_limit)
+    report = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "sets": {}}
+    ar_outputs: dict = {}
+    for name, prompts in sets.items():
+        for bl in args.block_lengths:
+            s = measure(args.checkpoint, prompts, bl, args.max_tokens, not args.no_ar, model_tok_settings=loaded,
+                        ar_cache=ar_outputs)
+            report["sets"].setdefault(name, []).append(s)
+            acc = " ".join(f"{a:.2f}" for a in s["acceptance_per_position"] if a is not None)
+            line = (f"{name} ({s['prompts']} prompts) block length {bl}: {s['tokens_per_forward']:.3f} tokens/forward "
+                    f"({s['tokens']} tokens, {s['forwards']} forwards); acceptance per position {acc}")
+            if not args.no_ar:
+                line += (f"; identical to AR {s['identical_to_ar']}/{s['prompts']}; AR distinct-4 {s['ar_distinct_4']:.3f}; "
+                         f"{s['filtered_prompts']} prompts pass the repetition filter, tokens/forward on them "
+                         f"{s['filtered_tokens_per_forward'] or float('nan'):.3f}")
+            print(line, flush=True)
+    if args.held_out:
+        h = held_out_loss(args.checkpoint, args.held_out, model_tok_settings=loaded)
+        report["held_out"] = h
+        print(f"held-out AR loss on {h['windows']} windows of {args.held_out}: {h['loss']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,16 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-demo", help="rebuild the demo checkpoint from scratch on CPU")
     b.add_argument("--out", required=True)
-    b.add_argument("--steps", type=int, default=600)
+    b.add_argument("--steps", type=int, default=600, help="TiDAR training steps of the base (default 600)")
+    b.add_argument("--distill-steps", type=int, default=None,
+                   help="self-distillation fine-tune steps (default: the demo recipe's; 0 skips the stage)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build_demo)
 
-    m = sub.add_parser("tokens-per-forward", help="greedy tokens/forward on HumanEval prompts (reference decoder)")
+    m = sub.add_parser("tokens-per-forward", help="greedy tokens/forward with AR quality guards (reference decoder)")
     m.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     m.add_argument("--block-lengths", type=_ints, default=(4, 8))
     m.add_argument("--max-tokens", type=int, default=128)
-    m.add_argument("--limit", type=int, default=None, help="first N prompts (default all 164)")
-    m.add_argument("--check-ar", action="store_true", help="also decode as AR and count identical outputs")
+    m.add_argument("--limit", type=int, default=None, help="first N HumanEval prompts (default all 164)")
+    m.add_argument("--held-out-limit", type=int, default=64, help="first N prompts of each --prompts-from folder (default 64)")
+    m.add_argument("--no-ar", action="store_true", help="skip the AR decode (identity, distinct-4, repetition filter)")
+    m.add_argument("--prompts-from", action="append", default=None, metavar="FOLDER",
+                   help="also held-out code prompts: function headers from the .py files in FOLDER (repeatable)")
+    m.add_argument("--held-out", default=None, metavar="FOLDER", help="report the AR loss on .py text in FOLDER")
+    m.add_argument("--json", default=None, help="write the numbers to this file")
     m.set_defaults(fn=cmd_tpf)
 
     e = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head (speculators format) for a Llama verifier")

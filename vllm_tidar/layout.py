@@ -208,16 +208,19 @@ class StepMask:
             raise ValueError(f"prefix of {num_committed} tokens exceeds {self.max_prefix}")
         return self._full[:, self.max_prefix - num_committed :]
 
-    def mask_rows(self, num_committed: torch.Tensor, padded_prefix: int) -> torch.Tensor:
-        """Mask rows of a batch of steps, keys ``[padded_prefix slots | step rows]``: (T, M,
-        padded_prefix + L) bool, key ``j < padded_prefix`` visible iff ``j < num_committed[t]``,
-        then the template's mask rows (sliced from the precomputed template, not rebuilt)."""
-        n_verify = self.layout.num_verify
+    def mask_rows(self, num_committed: torch.Tensor, width: int) -> torch.Tensor:
+        """Mask rows of a batch of steps over keys in cache order, ``[committed | step rows |
+        rest]`` padded to ``width``: (T, M, width) bool. For step ``t`` key ``j`` is visible iff
+        ``j < num_committed[t]``, or it is step row ``j - num_committed[t]`` and the template
+        (precomputed, only indexed here) lets the mask row see it."""
+        n_verify, big_l = self.layout.num_verify, self.layout.num_tokens
         rows = self._full[n_verify:, self.max_prefix :]  # (M, L)
-        t = num_committed.shape[0]
-        seen = torch.arange(padded_prefix, device=self._full.device) < num_committed.to(self._full.device)[:, None]
-        m = rows.shape[0]
-        return torch.cat([seen[:, None, :].expand(t, m, padded_prefix), rows.expand(t, m, rows.shape[1])], dim=2)
+        p = num_committed.to(self._full.device)[:, None]
+        j = torch.arange(width, device=self._full.device)[None, :]
+        rel = j - p  # (T, width)
+        in_step = (rel >= 0) & (rel < big_l)
+        step_ok = rows[:, rel.clamp(0, big_l - 1)].permute(1, 0, 2) & in_step[:, None, :]  # (T, M, width)
+        return step_ok | (j < p)[:, None, :]
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ A full TiDAR step of a request is ``L = layout.num_tokens`` rows
 * the K+1 verify rows are causal (prefix + rows 0..i): they go to the same kernel call as
   the causal requests, as a request of K+1 query tokens with ``seq_len = P + K + 1``;
   the mask rows are left out of that call (the query is compacted once per layer);
-* the mask rows of all TiDAR requests of the batch run in one SDPA over
-  ``[prefix pages | the step's own K/V rows]`` with the mask
-  ``StepMask.mask_rows(P, padded)`` (prefix validity, then the layout's precomputed
-  template rows). This is the only place that reads prefix pages in torch: for TiDAR
-  requests, once per layer, batched.
+* the mask rows of all TiDAR requests of the batch run in one SDPA over the request's
+  pages up to ``P + L`` (committed prefix, then the step rows this step just wrote) with
+  the additive mask from ``StepMask.mask_rows`` (prefix visible, the layout's precomputed
+  template over the step rows, padding hidden), built once per step. This is the only place
+  that reads pages in torch: for TiDAR requests, once per layer, batched.
 
 Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``) and
 handed over with ``set_tidar_steps`` before the layers run; the per-step arrays (the
@@ -86,9 +86,8 @@ class TiDARRows:
     kernel_rows: torch.Tensor  # long: token rows that go to the kernel (all but mask rows)
     kernel: KernelBatch
     mask_rows: torch.Tensor  # long (T, M): mask rows of each TiDAR request
-    step_rows: torch.Tensor  # long (T, L): all rows of each TiDAR request
-    prefix_blocks: torch.Tensor  # long (T, nblk): pages holding the committed prefix
-    mask: torch.Tensor  # bool (T, 1, M, nblk * block_size + L)
+    pages: torch.Tensor  # long (T, nblk): pages holding each TiDAR request's prefix and step rows
+    bias: torch.Tensor  # (T, 1, M, nblk * block_size) additive mask: 0 visible, -inf hidden
 
 
 @dataclass
@@ -151,14 +150,15 @@ class TiDARCPUMetadata:
         k_seq = k_seq.to(torch.int32)
         prefix = seq[t_idx] - big_l
         bs = self.block_size
-        nblk = int((prefix.max() + bs - 1) // bs)
+        nblk = int((seq[t_idx].max() + bs - 1) // bs)
+        visible = step_mask.mask_rows(prefix, nblk * bs)
+        bias = torch.zeros(visible.shape, dtype=self.params.dtype).masked_fill_(~visible, float("-inf"))
         self.tidar = TiDARRows(
             kernel_rows=keep.nonzero().flatten(),
             kernel=_kernel_batch(self.params, k_qsl, k_seq, self.block_table),
             mask_rows=mask_rows,
-            step_rows=step_rows,
-            prefix_blocks=self.block_table[t_idx, :nblk].long(),
-            mask=step_mask.mask_rows(prefix, nblk * bs).unsqueeze(1),
+            pages=self.block_table[t_idx, :nblk].long(),
+            bias=bias.unsqueeze(1),
         )
 
 
@@ -297,14 +297,12 @@ class TiDARCPUImpl(AttentionImpl):
         out = torch.empty_like(q)
         self._kernel(layer, q, key_cache, value_cache, out, rows.kernel)
         output.index_copy_(0, rows.kernel_rows, out.to(output.dtype))
-        # mask rows of every TiDAR request: one SDPA over [prefix pages | step rows]
-        k_pre, v_pre = read_pages(key_cache, value_cache, rows.prefix_blocks)
-        k_step = key[rows.step_rows].transpose(1, 2).to(k_pre.dtype)  # (T, Hkv, L, D)
-        v_step = value[rows.step_rows].transpose(1, 2).to(v_pre.dtype)
+        # mask rows of every TiDAR request: one SDPA over its pages (prefix, then this step's rows)
+        k, v = read_pages(key_cache, value_cache, rows.pages)  # (T, Hkv, nblk * bs, D)
         qm = query[rows.mask_rows].transpose(1, 2)  # (T, Hq, M, D)
         o = F.scaled_dot_product_attention(
-            qm, torch.cat([k_pre, k_step], 2).to(qm.dtype), torch.cat([v_pre, v_step], 2).to(qm.dtype),
-            attn_mask=rows.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            qm, k.to(qm.dtype), v.to(qm.dtype), attn_mask=rows.bias.to(qm.dtype), scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         output[rows.mask_rows] = o.transpose(1, 2).to(output.dtype)
         return output
