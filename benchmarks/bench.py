@@ -104,6 +104,7 @@ def checkpoint_info(ckpt: Path) -> dict:
         raise TidarError(f"checkpoint {ckpt}: architecture {arch!r} is not a TiDAR architecture")
     return {
         "block_length": int(cfg["tidar"]["block_length"]),
+        "tidar": dict(cfg["tidar"]),
         "stock_architecture": stock,
         "max_position_embeddings": int(cfg.get("max_position_embeddings", 2048)),
     }
@@ -143,7 +144,9 @@ def head_speculative_tokens(head: Path, default: int = 3) -> int:
 def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]]:
     notes: list[str] = []
     wanted = args.methods
-    bl = info["block_length"]
+    bl = args.block_length or info["block_length"]
+    # TiDAR rows at another block length than the checkpoint's (one it was trained with)
+    tidar_hf = {"hf_overrides": {"tidar": {**info["tidar"], "block_length": bl}}} if bl != info["block_length"] else {}
     stock = {"architectures": [info["stock_architecture"]]}
     methods: list[Method] = []
     have_llama = "ar-llama" in wanted
@@ -167,7 +170,7 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
             methods.append(
                 Method(
                     "tidar-adaptive", f"TiDAR adaptive (K≤{full_k})", "tidar", k=full_k,
-                    engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": full_k}},
+                    engine={**tidar_hf, "speculative_config": {"method": "tidar", "num_speculative_tokens": full_k}},
                     num_spec=DecodeLayout(bl, full_k).num_speculative_tokens,
                 )
             )
@@ -176,8 +179,8 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
             methods.append(
                 Method(
                     f"tidar-k{k}", f"TiDAR K={k}", "tidar", k=k,
-                    engine={"speculative_config": {"method": "tidar", "num_speculative_tokens": k,
-                                                   "num_speculative_tokens_per_batch_size": fixed}},
+                    engine={**tidar_hf, "speculative_config": {"method": "tidar", "num_speculative_tokens": k,
+                                                               "num_speculative_tokens_per_batch_size": fixed}},
                     num_spec=DecodeLayout(bl, k).num_speculative_tokens,
                 )
             )
@@ -406,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=list(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)} (default all)")
     p.add_argument("--tidar-k", default="auto",
                    help="fixed-K TiDAR rows, e.g. 1,3,7; 'all' for 1..Bl-1; default Bl-1 and (Bl-1)//2")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="serve the TiDAR rows at this block length (one the checkpoint was trained with; default its own)")
     p.add_argument("--no-adaptive", action="store_true", help="leave out the adaptive TiDAR row (K chosen per batch size)")
     p.add_argument("--eagle3", default=None, help="EAGLE-3 head folder (default <checkpoint>-eagle3 if present; 'none' to skip)")
     p.add_argument("--eagle3-k", type=int, default=None,
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "checkpoint": str(ckpt),
         "checkpoint_name": ckpt.name,
-        "block_length": info["block_length"],
+        "block_length": args.block_length or info["block_length"],
         "prompt_source": source,
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,

@@ -41,37 +41,57 @@ def test_acceptance_tracks_conditional_rates():
     assert acc.expected_tokens(0) == 1.0
 
 
-def _policy(per_token, alpha, warm=True):
-    acc = Acceptance(7, prior=alpha)
-    acc.num_observed = 1000 if warm else 0
-    return DraftPolicy(8, 7, costs=_costs(4e-3, 6e-3, per_token), acceptance=acc)
+def _layouts(*bls, k_max=7):
+    return [DecodeLayout(bl, k) for bl in bls for k in range(1, min(k_max, bl - 1) + 1)]
+
+
+def _policy(per_token, alpha, warm=True, bls=(8,)):
+    acc = {bl: Acceptance(bl - 1, prior=alpha) for bl in bls}
+    for a in acc.values():
+        a.num_observed = 1000 if warm else 0
+    return DraftPolicy(_layouts(*bls), costs=_costs(4e-3, 6e-3, per_token), acceptance=acc)
 
 
 def test_policy_turns_drafting_off_where_it_loses():
-    # cheap extra tokens and good drafts: draft at batch 1; at batch 16 the 72-token
-    # steps cost more than their extra tokens bring: plain AR
+    # cheap extra tokens and good drafts: draft at batch 1; at batch 16 the long steps cost
+    # more than their extra tokens bring: plain AR
     p = _policy(per_token=5e-5, alpha=0.8)
-    assert p.choose(1) > 0
-    assert p.choose(16) == 0
-    k, rate, plain = p.best(1)
+    assert p.choose(1) is not None
+    assert p.choose(16) is None
+    lay, rate, plain = p.best(1)
     assert rate > plain * p.margin
     # poor drafts never pay, even at batch 1
-    assert _policy(per_token=5e-5, alpha=0.05).choose(1) == 0
+    assert _policy(per_token=5e-5, alpha=0.05).choose(1) is None
+
+
+def test_policy_picks_the_smaller_block_where_long_steps_cost_too_much():
+    """Block length 8 drafts a little better, but its long steps cost too much next to a
+    20-token step of block length 4: the policy serves block length 4."""
+    p = _policy(per_token=1e-4, alpha=0.7, bls=(8, 4))
+    p.acceptance[8].alpha = [0.75] * 7
+    lay = p.choose(1)
+    assert lay is not None and lay.block_len == 4, lay
+    assert p.rate(lay, 1) > max(p.rate(x, 1) for x in p.layouts if x.block_len == 8)
 
 
 def test_policy_drafts_first_then_probes_while_off():
-    p = _policy(per_token=2e-4, alpha=0.3, warm=False)
-    assert p.choose(4) == 7  # no acceptance measured yet: draft to measure it
-    p.acceptance.num_observed = 1000
+    p = _policy(per_token=2e-4, alpha=0.3, warm=False, bls=(8, 4))
+    first = p.choose(4)
+    assert first == DecodeLayout(8, 7)  # no acceptance measured yet: draft to measure it
+    p.acceptance[8].num_observed = 1000
+    assert p.choose(4) == DecodeLayout(4, 3)  # then the other block length
+    p.acceptance[4].num_observed = 1000
     picks = [p.choose(4) for _ in range(5000)]
-    probes = sum(1 for k in picks if k)
-    assert picks[0] == 0 and 0 < probes <= 0.02 * len(picks) + 2
-    assert all(picks[i + 1] == 7 for i in range(len(picks) - 1) if picks[i] and not picks[i - 1])  # probes come in pairs
+    probes = [i for i, x in enumerate(picks) if x is not None]
+    assert picks[0] is None and 0 < len(probes) <= 0.02 * len(picks) + 4
+    assert all(picks[i + 1] == picks[i] for i in probes[::2])  # probes come in pairs
+    assert {picks[i].block_len for i in probes} == {8, 4}  # taking turns
 
 
 def test_fixed_schedule_overrides_the_policy():
-    p = DraftPolicy(8, 7, schedule=[0, 7, 3, 3, 0])
-    assert [p.choose(b) for b in (1, 2, 3, 4, 9)] == [7, 3, 3, 0, 0]
+    seven, three = DecodeLayout(8, 7), DecodeLayout(8, 3)
+    p = DraftPolicy(_layouts(8), schedule=[None, seven, three, three, None])
+    assert [p.choose(b) for b in (1, 2, 3, 4, 9)] == [seven, three, three, None, None]
 
 
 @pytest.mark.slow
@@ -136,8 +156,42 @@ def test_engine_adaptive_default_is_lossless():
         drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
         assert drafter.policy.schedule is None
         got = token_ids(generate(llm, prompts, sp))
-        assert drafter.policy.costs.num_observed > 0 and drafter.policy.acceptance.num_observed > 0
+        assert drafter.policy.costs.num_observed > 0 and drafter.policy.acceptance[4].num_observed > 0
     finally:
         close_llm(llm)
     assert got == want
-    assert DecodeLayout(4).num_drafts == drafter.policy.max_drafts
+    assert drafter.policy.layouts == [DecodeLayout(4, k) for k in (3, 2, 1)]
+
+
+@pytest.mark.slow
+def test_engine_switches_block_length_lossless():
+    """A checkpoint trained with block lengths 4 and 2: adaptive drafting measures both
+    (block length 4, then 2, while warming up) and whatever it then picks, greedy output is
+    AR's and every drafting step counts the K of its own layout (3 or 1)."""
+    from vllm import SamplingParams
+
+    from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+
+    ckpt = tiny_checkpoint(block_length=4, block_lengths=(2,))
+    prompts = prompt_set(ckpt, 6, seed=6)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
+    try:
+        want = token_ids(generate(llm, prompts, sp))
+    finally:
+        close_llm(llm)
+    llm = make_llm(ckpt, adaptive=True, per_request_spec_decode_metrics="detailed")
+    try:
+        model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
+        seen = []
+        orig = model.tidar_use_layout
+        model.tidar_use_layout = lambda lay: (seen.append(lay.block_len), orig(lay))
+        out = generate(llm, prompts, sp)
+        metrics = {m.name: m for m in llm.get_metrics()}
+    finally:
+        close_llm(llm)
+    assert token_ids(out) == want
+    assert seen[0] == 4 and 2 in seen
+    steps = [o.outputs[0].spec_decode_metrics for o in out]
+    assert set().union(*(set(m.per_step_drafted) for m in steps)) <= {1, 3}
+    assert sum(m.num_draft_tokens for m in steps) == metrics["vllm:spec_decode_num_draft_tokens"].value

@@ -147,6 +147,11 @@ def test_default_methods_on_demo(tmp_path):
     assert {m.baseline for m in methods if m.kind == "tidar"} == {"ar"}
     assert next(m for m in methods if m.name == "ngram").baseline == "ar-llama"
     assert any("EAGLE-3 skipped" in n for n in notes)
+    args = bench.build_parser().parse_args(["--block-length", "4", "--methods", "tidar"])
+    methods, _ = bench.build_methods(args, info, bench.DEMO)
+    assert [m.name for m in methods] == ["tidar-adaptive", "tidar-k3", "tidar-k1"]
+    assert all(m.engine["hf_overrides"]["tidar"]["block_length"] == 4 for m in methods)
+    assert methods[0].num_spec == 3 + 4 * 4
     args = bench.build_parser().parse_args(["--tidar-k", "all", "--methods", "tidar", "--no-adaptive"])
     methods, _ = bench.build_methods(args, info, bench.DEMO)
     assert [m.k for m in methods] == [7, 6, 5, 4, 3, 2, 1]

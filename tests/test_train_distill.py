@@ -106,3 +106,13 @@ def test_train_distill_options_give_one_line_errors(data, distilled, tmp_path, c
     bad.write_text('{"prompt_ids": [5]}\n')
     assert "needs integer lists" in _train_error(capsys, "--data", str(data), "--seq-len", str(S),
                                                  "--distill-data", str(bad), "--out", str(tmp_path / "o"))
+
+
+def test_distill_kl_weight_sets_the_kl_row_weights(data, distilled, tmp_path):
+    """KL row weights: 1 on real rows, ``distill_kl_weight`` on distilled rows (0 by default)."""
+    model, tok, _ = _load(_cfg(data, distilled, tmp_path / "o"))
+    real = pack(read_texts(data), tok, S)
+    dist = pack_ids(read_samples(distilled), tok.eos_token_id, S)
+    assert MixedBatches(real, dist, _cfg(data, distilled, tmp_path / "o")).weights.kl.tolist() == [1, 1, 0, 0]
+    w = MixedBatches(real, dist, _cfg(data, distilled, tmp_path / "o", distill_kl_weight=0.5)).weights
+    assert w.kl.tolist() == [1, 1, 0.5, 0.5] and w.ar.tolist() == [1, 1, 0.5, 0.5]

@@ -193,16 +193,16 @@ class _FakeModel:
         s, self.stash = self.stash, {}
         return s
 
-    def tidar_use_num_drafts(self, k):
-        self.num_drafts.append(k)
+    def tidar_use_layout(self, layout):
+        self.num_drafts.append(layout.num_drafts)
 
 
-def _proposer(bl=4, k=None, schedule=None):
+def _proposer(bl=4, k=None, schedule=None, trained=()):
     from vllm_tidar.plugin.common import PROPOSER_PATH
     from vllm_tidar.plugin.proposer import TiDARProposer
 
     layout = DecodeLayout(bl, k)
-    hf = SimpleNamespace(tidar=TidarSettings(bl, 1).to_dict(), vocab_size=1000)
+    hf = SimpleNamespace(tidar=TidarSettings(bl, 1, block_lengths=trained).to_dict(), vocab_size=1000)
     cfg = SimpleNamespace(
         speculative_config=SimpleNamespace(
             method="custom_class", model=PROPOSER_PATH, num_speculative_tokens=layout.num_speculative_tokens,
@@ -257,6 +257,22 @@ def test_proposer_follows_a_drafts_per_batch_size_schedule():
         schedule_in_spec_tokens([[1, 8, 3]], 4, 2)
     with pytest.raises(TidarError, match="list of"):
         schedule_in_spec_tokens([[1, 8]], 4, 3)
+
+
+def test_proposer_moves_drafts_between_block_lengths():
+    """The stash of a block-length-4 step seeds a block-length-2 step (first draft kept) and
+    the reverse pads the missing drafts with MASK (rejected like any MASK draft)."""
+    four, two = DecodeLayout(4, 3), DecodeLayout(2, 1)
+    prop, _ = _proposer(4, 3, trained=(2,))
+    assert prop.policy.layouts == [four, DecodeLayout(4, 2), DecodeLayout(4, 1), two]
+    model = _FakeModel({0: [[11, 12, 13], [21, 22, 23], [31, 32, 33], [41, 42, 43]]})
+    prop.load_model(model)
+    prop.policy.schedule = [None, two]
+    assert prop.propose([[5, 6]], None, None) == [[21] + [1] * two.num_mask_slots]
+    model.stash = {0: [[51], [61]]}  # a block-length-2 step stashes one draft per block
+    prop.policy.schedule = [None, four]
+    assert prop.propose([[7]], None, None) == [[51, 1, 1] + [1] * four.num_mask_slots]
+    assert model.num_drafts == [1, 3]
 
 
 def test_proposer_rejects_non_tidar_model():

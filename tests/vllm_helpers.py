@@ -13,9 +13,12 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
 DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
 
 
-def tiny_checkpoint(block_length: int = 4, seed: int = 0, family: str = "llama", beta: float = 1.0) -> Path:
-    """A random-init 2-layer TiDAR checkpoint (vocab 8192, mask id 1, eos 0) of a family."""
-    tag = f"tiny_bl{block_length}_s{seed}" + ("" if family == "llama" else f"_{family}") + ("" if beta == 1.0 else f"_b{beta}")
+def tiny_checkpoint(block_length: int = 4, seed: int = 0, family: str = "llama", beta: float = 1.0,
+                    block_lengths: tuple[int, ...] = ()) -> Path:
+    """A random-init 2-layer TiDAR checkpoint (vocab 8192, mask id 1, eos 0) of a family
+    (``block_lengths``: the trained block lengths its config claims, besides ``block_length``)."""
+    tag = (f"tiny_bl{block_length}_s{seed}" + ("" if family == "llama" else f"_{family}") + ("" if beta == 1.0 else f"_b{beta}")
+           + "".join(f"_t{b}" for b in block_lengths))
     out = CACHE / tag
     if (out / "config.json").is_file():
         return out
@@ -47,7 +50,8 @@ def tiny_checkpoint(block_length: int = 4, seed: int = 0, family: str = "llama",
                 p.normal_(0.0, 0.08)
     tok = AutoTokenizer.from_pretrained(base)
     tmp = out.with_name(out.name + ".tmp")
-    save_tidar(model, tok, TidarSettings(block_length=block_length, mask_token_id=1, beta=beta), tmp)
+    save_tidar(model, tok, TidarSettings(block_length=block_length, mask_token_id=1, beta=beta,
+                                         block_lengths=block_lengths), tmp)
     fix_architectures(tmp)
     tmp.rename(out)
     return out

@@ -37,10 +37,13 @@ class TidarSettings:
     block_length: int
     mask_token_id: int
     beta: float = 1.0  # weight of the AR logits in the bonus position ("trust AR" = 1)
+    block_lengths: tuple[int, ...] = ()  # every block length it was trained with (block_length among them)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "block_lengths", tuple(sorted({self.block_length, *self.block_lengths}, reverse=True)))
         try:
-            _check_block_len(self.block_length)
+            for bl in self.block_lengths:
+                _check_block_len(bl)
         except ValueError as e:
             raise TidarError(str(e)) from None
         if not 0.0 <= self.beta <= 1.0:
@@ -56,14 +59,25 @@ class TidarSettings:
             )
         if raw.get("mask_token_id") is None or raw.get("block_length") is None:
             raise TidarError(f"{source}: config.json 'tidar' section lacks block_length or mask_token_id")
-        settings = cls(int(raw["block_length"]), int(raw["mask_token_id"]), float(raw.get("beta", 1.0)))
+        try:
+            trained = tuple(int(b) for b in raw.get("block_lengths", ()))
+        except (TypeError, ValueError):
+            raise TidarError(f"{source}: config.json 'tidar' block_lengths must be a list of integers") from None
+        settings = cls(int(raw["block_length"]), int(raw["mask_token_id"]), float(raw.get("beta", 1.0)), trained)
         vocab = getattr(config, "vocab_size", None)
         if vocab is not None and not 0 <= settings.mask_token_id < vocab:
             raise TidarError(f"{source}: mask_token_id {settings.mask_token_id} outside vocabulary of {vocab}")
         return settings
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["block_lengths"] = list(self.block_lengths)
+        return d
+
+    def served_block_lengths(self) -> tuple[int, ...]:
+        """Block lengths a server may draft with: the served ``block_length`` and the trained
+        ones below it (a step of those fits in the tokens scheduled for ``block_length``)."""
+        return tuple(b for b in self.block_lengths if b <= self.block_length)
 
 
 def check_family(config) -> str:

@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
         dtype=args.dtype, device=args.device, save_every=args.save_every, seed=args.seed,
         resume=args.resume, activation_checkpointing=args.activation_checkpointing,
         distill_data=args.distill_data, distill_ratio=args.distill_ratio, real_diff_weight=args.real_diff_weight,
-        distill_ar_weight=args.distill_ar_weight, kl_weight=args.kl_weight,
+        distill_ar_weight=args.distill_ar_weight, kl_weight=args.kl_weight, distill_kl_weight=args.distill_kl_weight,
     )
     if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
         from .distributed import check_launch
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AR-loss weight of distilled rows (their diffusion weight is 1; default 0)")
     t.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(frozen --base || model) of the AR head on real rows (default 0; 1 process)")
+    t.add_argument("--distill-kl-weight", type=float, default=0.0,
+                   help="KL row weight of distilled rows, relative to real rows' 1 (default 0)")
     t.set_defaults(fn=cmd_train)
 
     b = sub.add_parser("build-demo", help="rebuild the demo checkpoint from scratch on CPU")

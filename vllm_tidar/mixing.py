@@ -31,7 +31,8 @@ class MixedBatches:
         is_d = torch.arange(cfg.batch_size) >= self.n_real
         real_row = (~is_d).float()
         self.weights = RowWeights(ar=torch.where(is_d, cfg.distill_ar_weight, 1.0),
-                                  diff=torch.where(is_d, 1.0, cfg.real_diff_weight), kl=real_row)
+                                  diff=torch.where(is_d, 1.0, cfg.real_diff_weight),
+                                  kl=torch.where(is_d, cfg.distill_kl_weight, 1.0))
         self.real_rows = RowWeights(real_row, real_row, real_row)
         self.distilled_rows = RowWeights(is_d.float(), is_d.float(), is_d.float())
 

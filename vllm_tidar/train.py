@@ -9,7 +9,9 @@ With ``distill_data`` (a ``vllm-tidar distill-data`` file) every micro-batch hol
 ``round(distill_ratio * batch_size)`` rows of the model's own continuations after its real-text
 rows; real rows weigh 1 in L_AR and ``real_diff_weight`` in L_Diff, distilled rows
 ``distill_ar_weight`` in L_AR and 1 in L_Diff, so the AR head keeps learning real text while
-the mask blocks learn to predict what the AR head says.
+the mask blocks learn to predict what the AR head says. With ``kl_weight`` the AR head is also
+held to the frozen base's distribution: on real rows (row weight 1) and, with
+``distill_kl_weight``, on distilled rows (the base's own continuations, where loops show).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class TrainConfig:
     distill_ratio: float = 0.5  # fraction of each micro-batch's rows taken from distill_data
     real_diff_weight: float = 1.0  # L_Diff weight of real-text rows (their L_AR weight is 1)
     distill_ar_weight: float = 0.0  # L_AR weight of distilled rows (their L_Diff weight is 1)
+    distill_kl_weight: float = 0.0  # L_KL row weight of distilled rows (real rows: 1)
     kl_weight: float = 0.0  # weight of KL(frozen base || model) of the AR head on real rows
 
     def distill_rows(self) -> int:
@@ -81,8 +84,8 @@ class TrainConfig:
             raise TidarError("steps, batch_size and grad_accum must be positive")
         if self.alpha < 0:
             raise TidarError(f"alpha must be >= 0, got {self.alpha}")
-        if min(self.real_diff_weight, self.distill_ar_weight, self.kl_weight) < 0:
-            raise TidarError("loss weights (real diff, distill AR, KL) must be >= 0")
+        if min(self.real_diff_weight, self.distill_ar_weight, self.kl_weight, self.distill_kl_weight) < 0:
+            raise TidarError("loss weights (real diff, distill AR, KL, distill KL) must be >= 0")
         if not 0 <= self.distill_ratio <= 1:
             raise TidarError(f"distill ratio must be in [0, 1], got {self.distill_ratio}")
         if self.distill_data and self.distill_rows() == 0:
@@ -140,7 +143,7 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     mix = MixedBatches(pack(texts, tokenizer, cfg.seq_len), distilled, cfg)
     base = _frozen_base(cfg, env.device) if cfg.kl_weight else None
     layouts = [TrainingLayout(cfg.seq_len, bl) for bl in cfg.block_lengths]
-    settings = TidarSettings(cfg.block_lengths[0], mask_id)
+    settings = TidarSettings(cfg.block_lengths[0], mask_id, block_lengths=tuple(cfg.block_lengths))
     on_cuda = torch.device(env.device).type == "cuda"
     fsdp_bf16 = env.world > 1 and on_cuda and cfg.dtype == "bf16"  # FSDP2 mixed precision instead of autocast
     if cfg.activation_checkpointing:

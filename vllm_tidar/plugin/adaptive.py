@@ -1,6 +1,6 @@
-"""Adaptive drafting: for each engine step, the drafts per request K (0 = plain AR) that
-give the most tokens per second at the current batch size, from step costs and draft
-acceptance measured while serving.
+"""Adaptive drafting: for each engine step, the TiDAR layout (block length, drafts per
+request K) or a plain AR step that gives the most tokens per second at the current batch
+size, from step costs and draft acceptance measured while serving.
 
 * ``StepCosts`` fits engine-step seconds online, ``c = a_plain + b*T`` for plain steps and
   ``a_tidar + b*T`` for TiDAR steps (``T`` = tokens scheduled in the step), by exponentially
@@ -9,12 +9,14 @@ acceptance measured while serving.
 * ``Acceptance`` keeps, per draft position ``i``, the forgetting average of
   P(draft i accepted | drafts before it accepted); expected tokens per TiDAR step with K
   drafts is ``1 + sum_i prod_{j<=i} alpha_j``.
-* ``DraftPolicy.choose(batch_size)`` returns the K maximising
-  ``expected_tokens(K) / c_tidar(B * L(K))`` if that beats ``1 / c_plain(B)`` by ``margin``,
-  else 0. Until ``warmup`` draft outcomes are seen it drafts with the largest K (the
-  measurement needs drafting steps); while drafting is off it probes every so often (two
-  TiDAR steps, spaced so probes cost at most ``probe_overhead`` of the time). A fixed
-  schedule (``num_speculative_tokens_per_batch_size``) or ``VLLM_TIDAR_ADAPTIVE=0``
+* ``DraftPolicy.choose(batch_size)`` returns the layout (block length, K) maximising
+  ``B * expected_tokens / c_tidar(B * L)`` if that beats ``B / c_plain(B)`` by ``margin``,
+  else None (a plain AR step). The candidates are every K of the served block length and of
+  the smaller block lengths the checkpoint was trained with (acceptance is kept per block
+  length). Until ``warmup`` draft outcomes are seen for a block length it drafts with its
+  largest K (the measurement needs drafting steps); while drafting is off it probes every
+  so often (two TiDAR steps, spaced so probes cost at most ``probe_overhead`` of the time).
+  A fixed schedule (``num_speculative_tokens_per_batch_size``) or ``VLLM_TIDAR_ADAPTIVE=0``
   overrides all of this.
 """
 
@@ -95,57 +97,68 @@ class Acceptance:
 
 
 class DraftPolicy:
-    """Chooses K (0..max) per step from the batch size; see the module docstring."""
+    """Chooses each step's layout (block length, K) or plain AR (None) from the batch size;
+    see the module docstring. ``layouts``: the candidates, each a ``DecodeLayout``."""
 
-    def __init__(self, block_len: int, max_drafts: int, schedule: list[int] | None = None,
-                 costs: StepCosts | None = None, acceptance: Acceptance | None = None,
+    def __init__(self, layouts: list[DecodeLayout], schedule: list[DecodeLayout | None] | None = None,
+                 costs: StepCosts | None = None, acceptance: dict[int, Acceptance] | None = None,
                  margin: float = 1.05, warmup: int = 64, probe_overhead: float = 0.02):
-        self.block_len, self.max_drafts = block_len, max_drafts
-        self.schedule = schedule  # dense batch size -> K (index 0 unused), or None
+        self.layouts = sorted(layouts, key=lambda lay: (lay.block_len, lay.num_drafts), reverse=True)
+        self.block_lengths = sorted({lay.block_len for lay in self.layouts}, reverse=True)
+        # the largest K of each block length (warm-up and probes draft with it)
+        self.widest = {bl: max((lay for lay in self.layouts if lay.block_len == bl), key=lambda x: x.num_drafts)
+                       for bl in self.block_lengths}
+        self.schedule = schedule  # dense batch size -> layout or None (index 0 unused), or None
         self.costs = costs or StepCosts()
-        self.acceptance = acceptance or Acceptance(max_drafts)
+        self.acceptance = acceptance or {bl: Acceptance(w.num_drafts) for bl, w in self.widest.items()}
         self.margin, self.warmup, self.probe_overhead = margin, warmup, probe_overhead
-        self._tokens = {k: DecodeLayout(block_len, k).num_tokens for k in range(1, max_drafts + 1)}
-        self._off_steps = 0  # consecutive steps chosen K=0
-        self._probe_left = 0
-        self._logged: dict[int, int] = {}
+        self._off_steps = 0  # consecutive plain steps chosen
+        self._probe: list[DecodeLayout] = []
+        self._probe_turn = 0
+        self._logged: dict[int, tuple[int, int]] = {}
 
-    def step_tokens(self, k: int) -> int:
-        """Tokens a request schedules in a step with ``k`` drafts (1 for a plain step)."""
-        return 1 if k == 0 else self._tokens[k]
+    def rate(self, layout: DecodeLayout | None, batch_size: int) -> float:
+        """Predicted tokens/s of a step of ``layout`` (None: plain AR) at ``batch_size``."""
+        if layout is None:
+            return batch_size / self.costs.predict(False, batch_size)
+        exp = self.acceptance[layout.block_len].expected_tokens(layout.num_drafts)
+        return batch_size * exp / self.costs.predict(True, batch_size * layout.num_tokens)
 
-    def best(self, batch_size: int) -> tuple[int, float, float]:
-        """(K, its tokens/s, plain AR tokens/s) by the current models."""
-        plain = batch_size / self.costs.predict(False, batch_size)
-        best_k, best_rate = 0, plain * self.margin
-        for k in range(1, self.max_drafts + 1):
-            rate = batch_size * self.acceptance.expected_tokens(k) / self.costs.predict(True, batch_size * self._tokens[k])
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k, (best_rate if best_k else plain), plain
+    def best(self, batch_size: int) -> tuple[DecodeLayout | None, float, float]:
+        """(layout or None, its tokens/s, plain AR tokens/s) by the current models."""
+        plain = self.rate(None, batch_size)
+        best, best_rate = None, plain * self.margin
+        for lay in self.layouts:
+            r = self.rate(lay, batch_size)
+            if r > best_rate:
+                best, best_rate = lay, r
+        return best, (best_rate if best is not None else plain), plain
 
-    def choose(self, batch_size: int) -> int:
+    def choose(self, batch_size: int) -> DecodeLayout | None:
         if batch_size <= 0:
-            return 0
+            return None
         if self.schedule is not None:
             return self.schedule[min(batch_size, len(self.schedule) - 1)]
-        if self.acceptance.num_observed < self.warmup:
-            return self.max_drafts
-        if self._probe_left > 0:
-            self._probe_left -= 1
-            return self.max_drafts
-        k, rate, plain = self.best(batch_size)
-        if k == 0:
+        cold = [bl for bl in self.block_lengths if self.acceptance[bl].num_observed < self.warmup]
+        if cold:  # measure each block length's acceptance first
+            return self.widest[min(cold, key=lambda bl: self.acceptance[bl].num_observed)]
+        if self._probe:
+            return self._probe.pop()
+        lay, rate, plain = self.best(batch_size)
+        if lay is None:
             self._off_steps += 1
-            ratio = self.costs.predict(True, batch_size * self._tokens[self.max_drafts]) / self.costs.predict(False, batch_size)
+            probe = self.widest[self.block_lengths[self._probe_turn % len(self.block_lengths)]]
+            ratio = self.costs.predict(True, batch_size * probe.num_tokens) / self.costs.predict(False, batch_size)
             if self._off_steps >= 2 * ratio / self.probe_overhead:  # two probe steps per interval
-                self._off_steps, self._probe_left = 0, 1
-                return self.max_drafts
+                self._off_steps, self._probe_turn = 0, self._probe_turn + 1
+                self._probe = [probe]
+                return probe
         else:
             self._off_steps = 0
-        if self._logged.get(batch_size) != k:
-            self._logged[batch_size] = k
-            logger.info("TiDAR adaptive drafting: batch %d -> K=%d (%.0f tokens/s; plain AR %.0f tokens/s; "
-                        "expected tokens/step %s)", batch_size, k, rate, plain,
-                        " ".join(f"{self.acceptance.expected_tokens(j):.2f}" for j in range(1, self.max_drafts + 1)))
-        return k
+        key = (lay.block_len, lay.num_drafts) if lay is not None else (0, 0)
+        if self._logged.get(batch_size) != key:
+            self._logged[batch_size] = key
+            what = "plain AR" if lay is None else f"block length {lay.block_len}, K={lay.num_drafts}"
+            logger.info("TiDAR adaptive drafting: batch %d -> %s (%.0f tokens/s predicted; plain AR %.0f)",
+                        batch_size, what, rate, plain)
+        return lay

@@ -16,9 +16,10 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   ``a`` and keeps as many drafts as the next step takes (no second model pass). The
   lm_head runs only on the rows something reads (verify rows, draft rows).
 
-K may change from step to step (adaptive drafting): the proposer calls
-``tidar_use_num_drafts(k)`` for the step it proposes, and the model detects steps of
-that layout (its tensors are built once per K).
+The layout may change from step to step (adaptive drafting: K, and the block length among
+those the checkpoint was trained with): the proposer calls ``tidar_use_layout(layout)`` for
+the step it proposes, and the model detects steps of that layout (its tensors are built once
+per layout).
 
 Prefills, partial prefills and degraded steps (fewer than L tokens scheduled, e.g.
 near max_model_len or under token-budget pressure) run plain causal attention.
@@ -124,10 +125,10 @@ class _TiDARMixin:
         device = torch.device(vllm_config.device_config.device)
         backend = _tidar_attention_backend(device)
         self._tidar_device = device
-        self._tidar_tensors: dict[int, _StepTensors] = {}
+        self._tidar_tensors: dict[tuple[int, int], _StepTensors] = {}
         self._tidar_max_drafts = self.tidar_layout.num_drafts if self.tidar_layout is not None else 0
         if self.tidar_layout is not None:
-            self.tidar_use_num_drafts(self.tidar_layout.num_drafts)
+            self.tidar_use_layout(self.tidar_layout)
         # every attention layer runs through the TiDAR backend (plain AR mode too, so
         # both modes share one attention implementation)
         n = 0
@@ -195,14 +196,15 @@ class _TiDARMixin:
         self._tidar_last = TiDARStep(qsl, flags, prefilling)
         return positions
 
-    def tidar_use_num_drafts(self, k: int) -> None:
-        """Detect TiDAR steps of ``k`` drafts from the next forward on (the proposer's choice
-        for the step it just proposed; ``k`` <= the configured K)."""
-        t = self._tidar_tensors.get(k)
+    def tidar_use_layout(self, layout: DecodeLayout) -> None:
+        """Detect TiDAR steps of ``layout`` from the next forward on (the proposer's choice for
+        the step it just proposed: the served block length or a smaller trained one, K <= the
+        configured K)."""
+        key = (layout.block_len, layout.num_drafts)
+        t = self._tidar_tensors.get(key)
         if t is None:
-            t = self._tidar_tensors[k] = _StepTensors.build(
-                DecodeLayout(self.tidar_settings.block_length, k), self._tidar_device, self._tidar_max_drafts,
-                self.tidar_settings.beta,
+            t = self._tidar_tensors[key] = _StepTensors.build(
+                layout, self._tidar_device, self._tidar_max_drafts, self.tidar_settings.beta
             )
         self._tidar_t = t
         self.tidar_layout = t.layout

@@ -28,10 +28,10 @@ from ..layout import DecodeLayout
 from .adaptive import DraftPolicy
 
 
-def draft_schedule(vllm_config, block_len: int, max_drafts: int) -> list[int] | None:
-    """Dense batch size -> K from ``num_speculative_tokens_per_batch_size`` (vLLM's field,
-    in vLLM's spec-token units, converted back to K), ``[K]`` everywhere when
-    ``VLLM_TIDAR_ADAPTIVE=0``, else None (adaptive)."""
+def draft_schedule(vllm_config, block_len: int, max_drafts: int) -> list[DecodeLayout | None] | None:
+    """Dense batch size -> layout (None: plain AR) from ``num_speculative_tokens_per_batch_size``
+    (vLLM's field, in vLLM's spec-token units, converted back to K at the served block
+    length), the largest K everywhere when ``VLLM_TIDAR_ADAPTIVE=0``, else None (adaptive)."""
     spec = vllm_config.speculative_config
     max_seqs = vllm_config.scheduler_config.max_num_seqs
     table = getattr(spec, "num_speculative_tokens_per_batch_size", None)
@@ -39,13 +39,26 @@ def draft_schedule(vllm_config, block_len: int, max_drafts: int) -> list[int] | 
         from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
         dense = build_dynamic_sd_schedule_lookup(table, max_seqs, spec.num_speculative_tokens)
-        return [DecodeLayout.num_drafts_scheduled(n, block_len) for n in dense]
+        ks = [DecodeLayout.num_drafts_scheduled(n, block_len) for n in dense]
+        return [DecodeLayout(block_len, k) if k else None for k in ks]
     flag = os.environ.get("VLLM_TIDAR_ADAPTIVE", "1").strip().lower()
     if flag in ("0", "false", "off", "no"):
-        return [max_drafts] * (max_seqs + 1)
+        return [DecodeLayout(block_len, max_drafts)] * (max_seqs + 1)
     if flag not in ("1", "true", "on", "yes", ""):
         raise TidarError(f"VLLM_TIDAR_ADAPTIVE must be 0 or 1, got {flag!r}")
     return None
+
+
+def candidate_layouts(settings: TidarSettings, max_layout: DecodeLayout) -> list[DecodeLayout]:
+    """Every layout a step may use: K = 1..K_max at each served block length (the served one
+    and the smaller ones the checkpoint was trained with), within the tokens vLLM schedules."""
+    out = []
+    for bl in settings.served_block_lengths():
+        for k in range(1, min(max_layout.num_drafts, bl - 1) + 1):
+            lay = DecodeLayout(bl, k)
+            if lay.num_tokens <= max_layout.num_tokens:
+                out.append(lay)
+    return out
 
 
 class TiDARProposer:
@@ -57,12 +70,11 @@ class TiDARProposer:
         bl = self.settings.block_length
         self.max_layout = DecodeLayout.from_num_speculative_tokens(spec.num_speculative_tokens, bl)
         k_max = self.max_layout.num_drafts
-        self.policy = DraftPolicy(bl, k_max, schedule=draft_schedule(vllm_config, bl, k_max))
+        self.policy = DraftPolicy(candidate_layouts(self.settings, self.max_layout),
+                                  schedule=draft_schedule(vllm_config, bl, k_max))
         self.mask_id = self.settings.mask_token_id
         self.model = None
-        self._tail = {k: [self.mask_id] * DecodeLayout(bl, k).num_mask_slots for k in range(1, k_max + 1)}
-        self._all_mask = {k: [self.mask_id] * DecodeLayout(bl, k).num_speculative_tokens for k in range(1, k_max + 1)}
-        self._k = k_max  # drafts per request of the step being verified now
+        self._layout: DecodeLayout | None = self.max_layout  # of the step being verified now
         self._real: list[bool] = []  # per batch row: that step's drafts were real (not all MASK)
         self._last: tuple[bool, int, int] | None = None  # (TiDAR step, tokens, batch rows) proposed last
         self._t = 0.0
@@ -81,29 +93,32 @@ class TiDARProposer:
         steady = self._last is not None and self._last[2] == n and all(sampled_token_ids)
         if steady:  # same rows as the step proposed last time: measure it
             self.policy.costs.observe(self._last[0], self._last[1], now - self._t)
+            acc = self.policy.acceptance.get(self._layout.block_len) if self._layout is not None else None
             for i, toks in enumerate(sampled_token_ids):
-                if i < len(self._real) and self._real[i]:
-                    self.policy.acceptance.observe(self._k, len(toks) - 1)
+                if acc is not None and i < len(self._real) and self._real[i]:
+                    acc.observe(self._layout.num_drafts, len(toks) - 1)
         active = sum(1 for t in sampled_token_ids if t)
-        k_next = self.policy.choose(active)
+        nxt = self.policy.choose(active)
         out, real = [], []
+        mask = self.mask_id
         for i, toks in enumerate(sampled_token_ids):
-            if not toks or k_next == 0:  # partial prefill chunk, or a plain AR step next
+            if not toks or nxt is None:  # partial prefill chunk, or a plain AR step next
                 out.append([])
                 real.append(False)
                 continue
             drafts = stash.get(i)
             a = len(toks) - 1
             if drafts is None or a >= len(drafts):
-                out.append(list(self._all_mask[k_next]))
+                out.append([mask] * nxt.num_speculative_tokens)
                 real.append(False)
                 continue
-            out.append(drafts[a][:k_next] + self._tail[k_next])
+            d = drafts[a][: nxt.num_drafts]  # a smaller block than the next step's gives fewer
+            out.append(d + [mask] * (nxt.num_speculative_tokens - len(d)))
             real.append(True)
-        if k_next and self.model is not None:
-            self.model.tidar_use_num_drafts(k_next)
-        self._k = k_next or self._k
+        if nxt is not None and self.model is not None:
+            self.model.tidar_use_layout(nxt)
+        self._layout = nxt
         self._real = real
-        self._last = (k_next > 0, active * self.policy.step_tokens(k_next), n)
+        self._last = (nxt is not None, active * (nxt.num_tokens if nxt is not None else 1), n)
         self._t = now
         return out
