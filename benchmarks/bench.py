@@ -174,6 +174,21 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
                     num_spec=DecodeLayout(bl, full_k).num_speculative_tokens,
                 )
             )
+        for spec in args.fixed_layout or ():  # fixed rows at another trained block length
+            try:
+                xbl, xk = (int(v) for v in spec.split(":"))
+            except ValueError:
+                raise TidarError(f"--fixed-layout {spec}: expected BLOCK_LENGTH:K") from None
+            check_num_drafts(xk, xbl, what=f"--fixed-layout {spec}: K")
+            methods.append(
+                Method(
+                    f"tidar-bl{xbl}-k{xk}", f"TiDAR Bl={xbl} K={xk}", "tidar", k=xk,
+                    engine={"hf_overrides": {"tidar": {**info["tidar"], "block_length": xbl}},
+                            "speculative_config": {"method": "tidar", "num_speculative_tokens": xk,
+                                                   "num_speculative_tokens_per_batch_size": [[1, max(args.batch_sizes), xk]]}},
+                    num_spec=DecodeLayout(xbl, xk).num_speculative_tokens,
+                )
+            )
         for k in ks:  # fixed K at every batch size (a one-range schedule)
             fixed = [[1, max(args.batch_sizes), k]]
             methods.append(
@@ -411,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-K TiDAR rows, e.g. 1,3,7; 'all' for 1..Bl-1; default Bl-1 and (Bl-1)//2")
     p.add_argument("--block-length", type=int, default=None,
                    help="serve the TiDAR rows at this block length (one the checkpoint was trained with; default its own)")
+    p.add_argument("--fixed-layout", action="append", default=None, metavar="BL:K",
+                   help="also a fixed TiDAR row at block length BL (one the checkpoint was trained with), K drafts")
     p.add_argument("--no-adaptive", action="store_true", help="leave out the adaptive TiDAR row (K chosen per batch size)")
     p.add_argument("--eagle3", default=None, help="EAGLE-3 head folder (default <checkpoint>-eagle3 if present; 'none' to skip)")
     p.add_argument("--eagle3-k", type=int, default=None,

@@ -152,6 +152,10 @@ def test_default_methods_on_demo(tmp_path):
     assert [m.name for m in methods] == ["tidar-adaptive", "tidar-k3", "tidar-k1"]
     assert all(m.engine["hf_overrides"]["tidar"]["block_length"] == 4 for m in methods)
     assert methods[0].num_spec == 3 + 4 * 4
+    args = bench.build_parser().parse_args(["--methods", "tidar", "--fixed-layout", "4:3", "--tidar-k", "7"])
+    methods, _ = bench.build_methods(args, info, bench.DEMO)
+    assert [m.name for m in methods] == ["tidar-adaptive", "tidar-bl4-k3", "tidar-k7"]
+    assert methods[1].engine["hf_overrides"]["tidar"]["block_length"] == 4 and methods[1].num_spec == 19
     args = bench.build_parser().parse_args(["--tidar-k", "all", "--methods", "tidar", "--no-adaptive"])
     methods, _ = bench.build_methods(args, info, bench.DEMO)
     assert [m.k for m in methods] == [7, 6, 5, 4, 3, 2, 1]
