@@ -264,10 +264,11 @@ def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_m
     if "speculative_config" in method.engine:
         kwargs["per_request_spec_decode_metrics"] = "detailed"
     kwargs.update(method.engine)
-    if method.kind == "tidar":  # fixed rows carry a schedule; the adaptive row must adapt
-        os.environ["VLLM_TIDAR_ADAPTIVE"] = "1"
+    from vllm_tidar.plugin.common import adaptive_drafting
+
     t_build = time.perf_counter()
-    llm = LLM(**kwargs)
+    with adaptive_drafting(True):  # fixed-K rows carry a one-range schedule; the adaptive row adapts
+        llm = LLM(**kwargs)
     build_s = time.perf_counter() - t_build
     try:
         warm = SamplingParams(temperature=0, max_tokens=min(8, args.max_tokens), ignore_eos=True)

@@ -138,9 +138,12 @@ def measure(ckpt: Path, label: str, engine: dict, prompts, batch_sizes, max_toke
     k = engine.get("speculative_config", {}).get("num_speculative_tokens")
     bl = engine.get("hf_overrides", {}).get("tidar", json.loads((ckpt / "config.json").read_text())["tidar"])["block_length"]
     big_l = DecodeLayout(bl, k).num_tokens if k else 1
-    llm = LLM(model=str(ckpt), enforce_eager=True, dtype=dtype, seed=0, max_model_len=1024,
-              max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * big_l),
-              use_tqdm_on_load=False, **engine)
+    from vllm_tidar.plugin.common import adaptive_drafting
+
+    with adaptive_drafting(False):  # each TiDAR row keeps its K
+        llm = LLM(model=str(ckpt), enforce_eager=True, dtype=dtype, seed=0, max_model_len=1024,
+                  max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * big_l),
+                  use_tqdm_on_load=False, **engine)
     out = {}
     try:
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -197,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ["VLLM_TIDAR_ADAPTIVE"] = "0"  # each TiDAR row keeps its K
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args = build_parser().parse_args(argv)
     from vllm_tidar.benchmarks.bench import load_prompts, machine_name

@@ -46,7 +46,7 @@ def server():
 
     args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
             "--speculative-config", json.dumps({"method": "tidar", "num_speculative_tokens": K})]
-    with Server(demo, args) as srv:
+    with Server(demo, args, env={"VLLM_TIDAR_ADAPTIVE": "0"}) as srv:  # fixed K: the metrics checks count K per step
         offline = _offline_greedy(demo)
         srv.wait_healthy()
         client = OpenAI(base_url=f"{srv.base}/v1", api_key="unused", timeout=120)

@@ -84,7 +84,6 @@ def make_llm(model, adaptive: bool = False, **kwargs):
     """A small in-process vLLM engine for tests (CPU, eager, fp32). TiDAR drafts a fixed K
     per step unless ``adaptive`` (the product default: K chosen per batch size)."""
     os.environ.update(ENGINE_ENV)
-    os.environ["VLLM_TIDAR_ADAPTIVE"] = "1" if adaptive else "0"
     from vllm import LLM
 
     args = dict(
@@ -96,7 +95,10 @@ def make_llm(model, adaptive: bool = False, **kwargs):
         disable_log_stats=False,
     )
     args.update(kwargs)
-    return LLM(**args)
+    from vllm_tidar.plugin.common import adaptive_drafting
+
+    with adaptive_drafting(adaptive):
+        return LLM(**args)
 
 
 def runner_model(llm):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from ..checkpoint import TidarSettings
 from ..layout import DecodeLayout
 
@@ -51,3 +54,18 @@ def close_llm(llm) -> None:
     del llm
     gc.collect()
     cleanup_dist_env_and_memory()
+
+
+@contextlib.contextmanager
+def adaptive_drafting(on: bool):
+    """``VLLM_TIDAR_ADAPTIVE`` set for an engine built inside the block (the proposer reads it
+    once, at start), then restored."""
+    saved = os.environ.get("VLLM_TIDAR_ADAPTIVE")
+    os.environ["VLLM_TIDAR_ADAPTIVE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_TIDAR_ADAPTIVE", None)
+        else:
+            os.environ["VLLM_TIDAR_ADAPTIVE"] = saved
