@@ -25,6 +25,7 @@ def _costs(a_plain, a_tidar, per_token, n=200):
 def test_step_costs_fit_measured_steps_and_skip_idle_gaps():
     c = _costs(4e-3, 6e-3, 2e-4)
     assert c.predict(False, 16) == pytest.approx(4e-3 + 16 * 2e-4, rel=1e-2)
+    assert c.coefficients == pytest.approx((4e-3, 6e-3, 2e-4), rel=5e-2)  # the weak prior pulls a little
     assert c.predict(True, 576) == pytest.approx(6e-3 + 576 * 2e-4, rel=1e-2)
     n = c.num_observed
     assert not c.observe(False, 1, 5.0)  # the engine sat idle between two requests

@@ -22,8 +22,6 @@ size, from step costs and draft acceptance measured while serving.
 
 from __future__ import annotations
 
-import torch
-
 from vllm.logger import init_logger
 
 from ..layout import DecodeLayout
@@ -32,42 +30,70 @@ logger = init_logger(__name__)
 
 
 class StepCosts:
-    """Online fit of step seconds: ``a_plain*[plain] + a_tidar*[tidar] + b*tokens``."""
+    """Online fit of step seconds: ``a_plain*[plain] + a_tidar*[tidar] + b*tokens``
+    (exponentially forgetting least squares, plain floats: it runs every step)."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
                  decay: float = 0.97, prior_weight: float = 0.1):
         self.decay = decay
-        self._a = torch.zeros(3, 3, dtype=torch.float64)
-        self._y = torch.zeros(3, dtype=torch.float64)
+        self._a = [[0.0] * 3 for _ in range(3)]
+        self._y = [0.0] * 3
         # prior: pseudo-observations that are never forgotten (keep the system solvable)
-        self._a0 = torch.zeros(3, 3, dtype=torch.float64)
-        self._y0 = torch.zeros(3, dtype=torch.float64)
+        self._a0 = [[0.0] * 3 for _ in range(3)]
+        self._y0 = [0.0] * 3
         for tidar, tokens in ((False, 1), (False, 64), (True, 72), (True, 576)):
             x = self._features(tidar, tokens)
             c = (a_tidar if tidar else a_plain) + per_token * tokens
-            self._a0 += prior_weight * torch.outer(x, x)
-            self._y0 += prior_weight * c * x
-        self._coef = torch.linalg.solve(self._a0, self._y0)
+            for i in range(3):
+                self._y0[i] += prior_weight * c * x[i]
+                for j in range(3):
+                    self._a0[i][j] += prior_weight * x[i] * x[j]
+        self._coef = _solve3(self._a0, self._y0)
         self.num_observed = 0
 
     @staticmethod
-    def _features(tidar: bool, tokens: int) -> torch.Tensor:
-        return torch.tensor([0.0 if tidar else 1.0, 1.0 if tidar else 0.0, float(tokens)], dtype=torch.float64)
+    def _features(tidar: bool, tokens: int) -> tuple[float, float, float]:
+        return (0.0, 1.0, float(tokens)) if tidar else (1.0, 0.0, float(tokens))
+
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """(a_plain, a_tidar, per-token) seconds."""
+        return tuple(self._coef)
 
     def predict(self, tidar: bool, tokens: int) -> float:
         """Predicted seconds of a step of ``tokens`` scheduled tokens."""
-        return max(float(self._features(tidar, tokens) @ self._coef), 1e-6)
+        x = self._features(tidar, tokens)
+        return max(sum(c * v for c, v in zip(self._coef, x)), 1e-6)
 
     def observe(self, tidar: bool, tokens: int, seconds: float) -> bool:
         """Add one measured step; returns False (ignored) for an outlier such as an idle gap."""
-        if seconds <= 0 or seconds > 4 * self.predict(tidar, tokens) + 0.05:
+        if seconds <= 0 or seconds > 3 * self.predict(tidar, tokens) + 0.02:
             return False
         x = self._features(tidar, tokens)
-        self._a = self.decay * self._a + torch.outer(x, x)
-        self._y = self.decay * self._y + seconds * x
-        self._coef = torch.linalg.solve(self._a0 + self._a, self._y0 + self._y)
+        d = self.decay
+        for i in range(3):
+            self._y[i] = d * self._y[i] + seconds * x[i]
+            for j in range(3):
+                self._a[i][j] = d * self._a[i][j] + x[i] * x[j]
+        a = [[self._a0[i][j] + self._a[i][j] for j in range(3)] for i in range(3)]
+        self._coef = _solve3(a, [self._y0[i] + self._y[i] for i in range(3)])
         self.num_observed += 1
         return True
+
+
+def _solve3(a: list[list[float]], y: list[float]) -> list[float]:
+    """x with a @ x = y for a 3 x 3 system (Cramer's rule; the prior keeps it regular)."""
+
+    def det(m):
+        return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+                + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+
+    d = det(a)
+    out = []
+    for k in range(3):
+        m = [row[:k] + [y[i]] + row[k + 1 :] for i, row in enumerate(a)]
+        out.append(det(m) / d)
+    return out
 
 
 class Acceptance:

@@ -241,6 +241,8 @@ class _TiDARMixin:
             bonus = t_offs + tt.bonus_rows
             logits[verify] = beta * logits[verify] + (1.0 - beta) * logits[bonus]
             logits[:, self.tidar_mask_id] = -torch.inf
+        if not bool(flags.any()):  # no TiDAR step in the batch (plain or degraded steps): nothing to stash
+            return logits
         # next drafts of every request for every acceptance count: (R, K+1, K_max); rows of
         # requests that ran no TiDAR step are clamped junk, dropped by the flags
         idx = (offs[:, None, None] + tt.draft_index).clamp_(max=logits.shape[0] - 1)

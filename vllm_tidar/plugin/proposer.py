@@ -13,8 +13,9 @@ drafts: they are rejected and the next step's block 0 supplies real drafts. Such
 are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
 
 The wall time between two calls is one engine step: it feeds the policy's cost model
-(steps where the batch changed are skipped), and the accepted counts of real drafts
-feed its acceptance model.
+(only steps that ran exactly what was proposed last time: every batch row grew by just its
+sampled tokens, so prefills, new requests and idle gaps are skipped), and the accepted
+counts of real drafts feed its acceptance model.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class TiDARProposer:
         self._real: list[bool] = []  # per batch row: that step's drafts were real (not all MASK)
         self._last: tuple[bool, int, int] | None = None  # (TiDAR step, tokens, batch rows) proposed last
         self._t = 0.0
+        self._num_tokens: list[int] | None = None  # per batch row, tokens (no drafts) at the last call
 
     def load_model(self, target_model) -> None:
         if not hasattr(target_model, "take_tidar_drafts"):
@@ -90,8 +92,14 @@ class TiDARProposer:
         now = time.perf_counter()
         stash = self.model.take_tidar_drafts() if self.model is not None else {}
         n = len(sampled_token_ids)
-        steady = self._last is not None and self._last[2] == n and all(sampled_token_ids)
-        if steady:  # same rows as the step proposed last time: measure it
+        num_tokens = [int(x) for x in num_tokens_no_spec[:n]] if num_tokens_no_spec is not None else None
+        # the step just run is the one proposed last time iff every row only grew by what it
+        # sampled (a new request in a row, a prefill or a preemption breaks that)
+        steady = (self._last is not None and self._last[2] == n and num_tokens is not None
+                  and self._num_tokens is not None and len(self._num_tokens) == n
+                  and all(t and num_tokens[i] - self._num_tokens[i] == len(t) for i, t in enumerate(sampled_token_ids)))
+        self._num_tokens = num_tokens
+        if steady:  # measure it
             self.policy.costs.observe(self._last[0], self._last[1], now - self._t)
             acc = self.policy.acceptance.get(self._layout.block_len) if self._layout is not None else None
             for i, toks in enumerate(sampled_token_ids):
