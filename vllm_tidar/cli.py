@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--steps", type=int, default=600, help="TiDAR training steps of the base (default 600)")
     b.add_argument("--distill-steps", type=int, default=None,
-                   help="self-distillation fine-tune steps (default: the demo recipe's; 0 skips the stage)")
+                   help="self-distillation fine-tune steps after the TiDAR training (default 0: the bundled "
+                        "demo has no such stage; 300 is run r3 of benchmarks/results/self_distill_cpu.md)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build_demo)
 
