@@ -95,6 +95,17 @@ def test_fixed_schedule_overrides_the_policy():
     assert [p.choose(b) for b in (1, 2, 3, 4, 9)] == [seven, three, three, None, None]
 
 
+def _ar_outputs(ckpt, prompts, sampling):
+    """Greedy token ids of the same checkpoint served as plain AR (the lossless reference)."""
+    from vllm_helpers import close_llm, make_llm, token_ids
+
+    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
+    try:
+        return token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False))
+    finally:
+        close_llm(llm)
+
+
 @pytest.mark.slow
 def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     """Requests of different lengths finish one by one, so the batch shrinks 4 -> 1 and a
@@ -102,17 +113,13 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     and engine and per-request counters agree."""
     from vllm import SamplingParams
 
-    from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+    from vllm_helpers import close_llm, make_llm, prompt_set, tiny_checkpoint, token_ids
 
     ckpt = tiny_checkpoint(block_length=4)
     prompts = prompt_set(ckpt, 4, seed=3)
     lengths = [12, 24, 36, 60]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
-    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
-    try:
-        want = token_ids(llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
-    finally:
-        close_llm(llm)
+    want = _ar_outputs(ckpt, prompts, params)
     sched = [[1, 1, 3], [2, 3, 2], [4, 8, 1]]
     llm = make_llm(ckpt, per_request_spec_decode_metrics="detailed",
                    speculative_config={"method": "tidar", "num_speculative_tokens": 3,
@@ -147,11 +154,7 @@ def test_engine_adaptive_default_is_lossless():
     ckpt = tiny_checkpoint(block_length=4)
     prompts = prompt_set(ckpt, 6, seed=4)
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
-    try:
-        want = token_ids(generate(llm, prompts, sp))
-    finally:
-        close_llm(llm)
+    want = _ar_outputs(ckpt, prompts, sp)
     llm = make_llm(ckpt, adaptive=True)
     try:
         drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
@@ -176,11 +179,7 @@ def test_engine_switches_block_length_lossless():
     ckpt = tiny_checkpoint(block_length=4, block_lengths=(2,))
     prompts = prompt_set(ckpt, 6, seed=6)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
-    try:
-        want = token_ids(generate(llm, prompts, sp))
-    finally:
-        close_llm(llm)
+    want = _ar_outputs(ckpt, prompts, sp)
     llm = make_llm(ckpt, adaptive=True, per_request_spec_decode_metrics="detailed")
     try:
         model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
