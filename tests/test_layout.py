@@ -79,15 +79,16 @@ def test_check_num_drafts():
 
 
 @pytest.mark.parametrize("bl,k", [(4, 3), (4, 1), (8, 5)])
-def test_next_draft_index_is_next_draft_rows_per_acceptance(bl, k):
+def test_block_draft_index_starts_with_next_draft_rows_per_acceptance(bl, k):
     lay = DecodeLayout(bl, k)
-    idx = lay.next_draft_index
-    assert idx.shape == (k + 1, k) and idx.dtype == torch.long
+    idx = lay.block_draft_index
+    assert idx.shape == (k + 1, bl - 1) and idx.dtype == torch.long
     for a in range(k + 1):
         rows = lay.next_draft_rows(a)
-        assert idx[a].tolist() == list(range(rows.start, rows.stop))
+        assert idx[a, :k].tolist() == list(range(rows.start, rows.stop))  # this layout's K drafts
+        assert idx[a].tolist() == list(range(lay.block_start(a) + 1, lay.block_start(a) + bl))  # masks 1..Bl-1
     preds = torch.arange(lay.num_tokens) * 10  # one gather cuts every acceptance outcome
-    assert preds[idx][k].tolist() == [10 * r for r in range(lay.next_draft_rows(k).start, lay.next_draft_rows(k).stop)]
+    assert preds[idx][k, :k].tolist() == [10 * r for r in range(lay.next_draft_rows(k).start, lay.next_draft_rows(k).stop)]
 
 
 def test_step_mask_is_built_once_and_sliced():

@@ -121,13 +121,6 @@ class DecodeLayout:
         return slice(start, start + self.num_drafts)
 
     @cached_property
-    def next_draft_index(self) -> torch.Tensor:
-        """(K+1, K) long: row ``a`` holds the rows of ``next_draft_rows(a)``, so one gather of
-        a step's per-row predictions gives the next drafts for every acceptance count."""
-        starts = torch.tensor([self.next_draft_rows(a).start for a in range(self.num_blocks)])
-        return starts[:, None] + torch.arange(self.num_drafts)
-
-    @cached_property
     def block_draft_index(self) -> torch.Tensor:
         """(K+1, block_len-1) long: row ``a`` holds masks 1..block_len-1 of block ``a``, the
         most drafts a block offers; the first ``k`` of them are the next ``k`` drafts for

@@ -116,7 +116,6 @@ class TiDARCPUMetadata:
     params: _KernelParams
     block_size: int
     tidar: TiDARRows | None = None  # set by set_tidar_steps when the batch has TiDAR steps
-    tidar_step: list[bool] | None = None
 
     # the model's interface (same on TiDARFlexMetadata)
     def tidar_batch(self) -> tuple[list[int], list[bool]]:
@@ -126,7 +125,6 @@ class TiDARCPUMetadata:
     def set_tidar_steps(self, flags: torch.Tensor, step_mask) -> None:
         """Mark full TiDAR steps (bool per request) and the ``StepMask`` their mask rows use."""
         flags_host = flags.tolist()
-        self.tidar_step = flags_host
         self.tidar = None
         if not any(flags_host):
             return

@@ -74,7 +74,6 @@ class TiDARFlexMetadata(FlexAttentionMetadata):
     tidar_qsl: list[int]  # host query_start_loc, num_reqs + 1
     tidar_prefilling: list[bool]
     tidar_template: torch.Tensor | None = None  # L x L bool on device, set on TiDAR steps
-    tidar_step: torch.Tensor | list[bool]
 
     @classmethod
     def adopt(
@@ -87,7 +86,6 @@ class TiDARFlexMetadata(FlexAttentionMetadata):
         md.tidar_template = None
         md.tidar_qsl = qsl
         md.tidar_prefilling = prefilling
-        md.tidar_step = [False] * (len(qsl) - 1)
         return md
 
     # --- the model's interface (same as TiDARCPUMetadata) ---------------------------------
@@ -98,7 +96,6 @@ class TiDARFlexMetadata(FlexAttentionMetadata):
     def set_tidar_steps(self, flags: torch.Tensor, step_mask) -> None:
         """Mark full TiDAR steps (bool tensor, one per request); rebuilds the mask if any."""
         n = flags.shape[0]
-        self.tidar_step = flags
         self.tidar_flags[:n].copy_(flags)
         if not bool(flags.any()):  # vLLM's block-mask build below is host-driven anyway
             return  # the causal mask and block mask from build() stand
