@@ -79,7 +79,7 @@ class TiDARStep:
 
 @dataclass(frozen=True)
 class _StepTensors:
-    """Device tensors of one decode layout (one K), built once, sliced per step."""
+    """Device tensors of one decode layout (block length, K), built once, sliced per step."""
 
     layout: DecodeLayout
     step_mask: StepMask  # the bare L x L template (CPU: mask rows; Flex: indexed in mask_mod)
@@ -93,17 +93,18 @@ class _StepTensors:
     def build(cls, layout: DecodeLayout, device, max_drafts: int, beta: float) -> "_StepTensors":
         rows = torch.arange(layout.num_tokens)
         draft_index = layout.block_draft_index[:, :max_drafts]
+        bonus = torch.tensor([layout.bonus_mask_row(i) for i in range(layout.num_verify)])
         read = torch.zeros(layout.num_tokens, dtype=torch.bool)
         read[: layout.num_verify] = True
         read[draft_index.flatten()] = True
         if beta != 1.0:
-            read[[layout.bonus_mask_row(i) for i in range(layout.num_verify)]] = True
+            read[bonus] = True
         return cls(
             layout=layout,
             step_mask=StepMask(layout, 0, device),
             rows=rows.to(device),
             position_shift=(layout.position_offsets - rows).to(device),
-            bonus_rows=torch.tensor([layout.bonus_mask_row(i) for i in range(layout.num_verify)], device=device),
+            bonus_rows=bonus.to(device),
             draft_index=draft_index.to(device),
             skip_rows=(~read).nonzero().flatten().to(device),
         )
