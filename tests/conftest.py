@@ -48,7 +48,8 @@ def demo():
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
-    """(trainer tests) A tiny random AR Llama with the demo tokenizer (no mask token: the trainer adds it)."""
+    """(trainer tests) A tiny random AR Llama with the demo tokenizer (no mask token: the trainer adds it);
+    head size 32, the smallest vLLM's CPU attention kernel runs (its checkpoints are served in tests)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("base")
@@ -63,7 +64,7 @@ def base(tmp_path_factory):
     cfg.pop("additional_special_tokens", None)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, head_dim=32,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=256, eos_token_id=0, bos_token_id=None))
     model.save_pretrained(out)

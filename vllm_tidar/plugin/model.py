@@ -40,6 +40,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from ..checkpoint import TidarSettings
+from ..errors import TidarError
 from ..layout import DecodeLayout, StepMask
 from .attention import TiDARCPUBackend
 from .common import is_tidar_proposer
@@ -136,6 +137,10 @@ class _TiDARMixin:
         for module in self.modules():
             if isinstance(module, Attention):
                 impl = module.impl
+                sizes = backend.get_supported_head_sizes()
+                if sizes and impl.head_size not in sizes:
+                    raise TidarError(f"{backend.__name__} (vLLM's {backend.get_name()} kernel) supports head sizes "
+                                     f"{sizes}; this model's attention head size is {impl.head_size}")
                 module.attn_backend = backend
                 module.backend = AttentionBackendEnum[backend.get_name()]
                 module.impl = backend.get_impl_cls()(
