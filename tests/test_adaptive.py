@@ -32,6 +32,14 @@ def test_step_costs_fit_measured_steps_and_skip_idle_gaps():
     assert c.num_observed == n
 
 
+def test_plain_steps_do_not_erase_what_tidar_steps_cost():
+    c = _costs(4e-3, 6e-3, 1e-4)
+    tidar_20 = c.predict(True, 20)
+    for _ in range(2000):  # drafting off for a long while: only plain steps are measured
+        c.observe(False, 1, 4e-3 + 1e-4)
+    assert c.predict(True, 20) == pytest.approx(tidar_20, rel=1e-3)
+
+
 def test_acceptance_tracks_conditional_rates():
     acc = Acceptance(3, prior=0.5, decay=0.9)
     for _ in range(300):

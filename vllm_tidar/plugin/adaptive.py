@@ -31,13 +31,16 @@ logger = init_logger(__name__)
 
 class StepCosts:
     """Online fit of step seconds: ``a_plain*[plain] + a_tidar*[tidar] + b*tokens``
-    (exponentially forgetting least squares, plain floats: it runs every step)."""
+    (exponentially forgetting least squares, plain floats: it runs every step). Plain and
+    TiDAR steps are forgotten separately, each only as new steps of its own kind come: a
+    long run of plain steps must not erase what TiDAR steps cost."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
                  decay: float = 0.97, prior_weight: float = 0.1):
         self.decay = decay
-        self._a = [[0.0] * 3 for _ in range(3)]
-        self._y = [0.0] * 3
+        # per kind (False: plain, True: TiDAR) sums of x x^T and y x
+        self._a = {k: [[0.0] * 3 for _ in range(3)] for k in (False, True)}
+        self._y = {k: [0.0] * 3 for k in (False, True)}
         # prior: pseudo-observations that are never forgotten (keep the system solvable)
         self._a0 = [[0.0] * 3 for _ in range(3)]
         self._y0 = [0.0] * 3
@@ -70,13 +73,13 @@ class StepCosts:
         if seconds <= 0 or seconds > 3 * self.predict(tidar, tokens) + 0.02:
             return False
         x = self._features(tidar, tokens)
-        d = self.decay
+        d, a_k, y_k = self.decay, self._a[tidar], self._y[tidar]
         for i in range(3):
-            self._y[i] = d * self._y[i] + seconds * x[i]
+            y_k[i] = d * y_k[i] + seconds * x[i]
             for j in range(3):
-                self._a[i][j] = d * self._a[i][j] + x[i] * x[j]
-        a = [[self._a0[i][j] + self._a[i][j] for j in range(3)] for i in range(3)]
-        self._coef = _solve3(a, [self._y0[i] + self._y[i] for i in range(3)])
+                a_k[i][j] = d * a_k[i][j] + x[i] * x[j]
+        a = [[self._a0[i][j] + self._a[False][i][j] + self._a[True][i][j] for j in range(3)] for i in range(3)]
+        self._coef = _solve3(a, [self._y0[i] + self._y[False][i] + self._y[True][i] for i in range(3)])
         self.num_observed += 1
         return True
 
