@@ -40,6 +40,16 @@ def test_plain_steps_do_not_erase_what_tidar_steps_cost():
     assert c.predict(True, 20) == pytest.approx(tidar_20, rel=1e-3)
 
 
+def test_acceptance_is_the_sample_mean_early_on():
+    """The prior counts as one outcome: after 9 outcomes (3 accepted) the rate is (0.5 + 3) / 10,
+    not still mostly the prior as a plain forgetting average would leave it."""
+    acc = Acceptance(2, prior=0.5, decay=0.99)
+    for a in [1, 0, 0, 1, 0, 0, 1, 0, 0]:
+        acc.observe(2, a)
+    assert acc.alpha[0] == pytest.approx((0.5 + 3) / 10)
+    assert acc.alpha[1] == pytest.approx((0.5 + 0) / 4)  # reached 3 times, never accepted
+
+
 def test_acceptance_tracks_conditional_rates():
     acc = Acceptance(3, prior=0.5, decay=0.9)
     for _ in range(300):

@@ -6,8 +6,8 @@ size, from step costs and draft acceptance measured while serving.
   ``a_tidar + b*T`` for TiDAR steps (``T`` = tokens scheduled in the step), by exponentially
   forgetting least squares with a weak prior. The proposer feeds it the wall time between
   its own calls (one call per engine step), skipping steps whose batch changed.
-* ``Acceptance`` keeps, per draft position ``i``, the forgetting average of
-  P(draft i accepted | drafts before it accepted); expected tokens per TiDAR step with K
+* ``Acceptance`` keeps, per draft position ``i``, P(draft i accepted | drafts before it
+  accepted): a running mean of the outcomes, then a forgetting average; expected tokens per TiDAR step with K
   drafts is ``1 + sum_i prod_{j<=i} alpha_j``.
 * ``DraftPolicy.choose(batch_size)`` returns the layout (block length, K) maximising
   ``B * expected_tokens / c_tidar(B * L)`` if that beats ``B / c_plain(B)`` by ``margin``,
@@ -100,10 +100,13 @@ def _solve3(a: list[list[float]], y: list[float]) -> list[float]:
 
 
 class Acceptance:
-    """Per draft position, the forgetting average of the conditional acceptance rate."""
+    """Per draft position, the conditional acceptance rate: the running mean of the outcomes
+    seen so far (the prior counts as one), turning into a forgetting average once there
+    are more than ``1 / (1 - decay)`` of them."""
 
     def __init__(self, max_drafts: int, prior: float = 0.5, decay: float = 0.99):
         self.alpha = [prior] * max_drafts
+        self._seen = [0] * max_drafts
         self.decay = decay
         self.num_observed = 0
 
@@ -114,7 +117,9 @@ class Acceptance:
         self.num_observed += 1
         for i in range(min(accepted + 1, num_drafts)):  # positions the verifier reached
             hit = 1.0 if i < accepted else 0.0
-            self.alpha[i] += (1.0 - self.decay) * (hit - self.alpha[i])
+            self._seen[i] += 1
+            rate = max(1.0 / (self._seen[i] + 1), 1.0 - self.decay)
+            self.alpha[i] += rate * (hit - self.alpha[i])
 
     def expected_tokens(self, k: int) -> float:
         """Tokens a TiDAR step with ``k`` drafts commits on average (1 + accepted)."""
@@ -131,7 +136,7 @@ class DraftPolicy:
 
     def __init__(self, layouts: list[DecodeLayout], schedule: list[DecodeLayout | None] | None = None,
                  costs: StepCosts | None = None, acceptance: dict[int, Acceptance] | None = None,
-                 margin: float = 1.05, warmup: int = 64, probe_overhead: float = 0.02):
+                 margin: float = 1.05, warmup: int = 32, probe_overhead: float = 0.02):
         self.layouts = sorted(layouts, key=lambda lay: (lay.block_len, lay.num_drafts), reverse=True)
         self.block_lengths = sorted({lay.block_len for lay in self.layouts}, reverse=True)
         # the largest K of each block length (warm-up and probes draft with it)
