@@ -186,6 +186,8 @@ class _TiDARMixin:
         if not mds:
             return positions
         qsl, prefilling = next(iter(mds.values())).tidar_batch()
+        if layout.num_tokens not in {e - s for s, e in zip(qsl[:-1], qsl[1:])}:
+            return positions  # no request scheduled L tokens (a plain step): nothing to detect
         dev = input_ids.device
         qsl_t = torch.tensor(qsl, dtype=torch.long, device=dev)
         starts, lens = qsl_t[:-1], qsl_t[1:] - qsl_t[:-1]
