@@ -124,16 +124,15 @@ class TiDARCPUMetadata:
 
     def set_tidar_steps(self, flags: torch.Tensor, step_mask) -> None:
         """Mark full TiDAR steps (bool per request) and the ``StepMask`` their mask rows use."""
-        flags_host = flags.tolist()
+        is_t = flags.to("cpu", torch.bool)  # host arrays: the CPU kernel's batch is built on the host
         self.tidar = None
-        if not any(flags_host):
+        if not bool(is_t.any()):
             return
         layout = step_mask.layout
         big_l, n_verify = layout.num_tokens, layout.num_verify
         qsl = torch.tensor(self.query_start_loc, dtype=torch.long)
         seq = torch.tensor(self.seq_lens, dtype=torch.long)
         starts, lens = qsl[:-1], qsl[1:] - qsl[:-1]
-        is_t = torch.tensor(flags_host)
         # kernel batch: TiDAR requests keep their K+1 verify rows (causal)
         k_lens = torch.where(is_t, n_verify, lens)
         k_seq = torch.where(is_t, seq - big_l + n_verify, seq)
