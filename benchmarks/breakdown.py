@@ -10,10 +10,12 @@ steps (every request decoding, none prefilling) of:
 * ``inputs`` – the runner's ``_update_states`` + ``_prepare_inputs`` (input and attention
   metadata preparation);
 * ``attention`` – every attention layer's ``impl.forward`` (the kernel, inside the forward);
-* ``forward`` – the rest of ``_model_forward`` (linear layers, norms, RoPE, step detection);
-* ``logits`` – ``model.compute_logits`` (lm_head, mask suppression, draft stash);
-* ``sample`` – ``_sample`` (vLLM's sampler, or the rejection sampler over every draft slot);
-* ``propose`` – ``propose_draft_token_ids`` (the proposer);
+* ``forward`` – the rest of ``_model_forward`` (linear layers, norms, RoPE, step detection,
+  draft-row stash);
+* ``logits`` – ``model.compute_logits`` on the rows vLLM samples (verify rows; mask suppression);
+* ``sample`` – ``_sample`` (vLLM's sampler, or the rejection sampler over the real drafts);
+* ``propose`` – ``propose_draft_token_ids`` (the proposer, with the lm_head on the accepted
+  block's draft rows);
 * ``other`` – the rest of ``EngineCore.step`` (bookkeeping, output processing).
 """
 

@@ -29,10 +29,10 @@ Backends (``--backend``):
     step computes exactly ``q`` query tokens per request over ``ctx`` cached ones (checked:
     the forward must see ``b*q`` tokens and every request ``ctx`` cached tokens; ``ctx``
     must be a multiple of the KV block size). Timed: the model forward
-    (``model_runner._model_forward``) plus ``compute_logits`` over all ``b*q`` rows (a
-    TiDAR step needs the logits of every row; vLLM itself only computes the last row of a
-    prefill, so the profiler runs ``compute_logits`` once more on all rows, timed
-    separately and added). Positions beyond the checkpoint's ``max_position_embeddings``
+    (``model_runner._model_forward``) plus ``compute_logits`` over all ``b*q`` rows (an
+    upper bound: the engine runs the lm_head on a TiDAR step's ``2K+1`` verify and accepted
+    draft rows, not all ``L``; vLLM itself only computes the last row of a prefill, so the
+    profiler runs ``compute_logits`` once more on all rows, timed separately and added). Positions beyond the checkpoint's ``max_position_embeddings``
     are allowed through ``hf_overrides`` (outputs there are meaningless; the cost is real).
 ``hf``: a plain transformers model (no vLLM import; works where vLLM is absent, e.g. a GPU
     machine with torch + transformers only), ``--checkpoint`` or a random-init model from

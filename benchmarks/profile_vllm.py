@@ -14,7 +14,7 @@ from vllm_tidar.errors import TidarError
 
 class _ForwardTimer:
     """Wraps ``model_runner._model_forward``: times the forward, then ``compute_logits``
-    over every row (what a TiDAR step needs), and records the number of tokens (CPU: no
+    over every row (an upper bound of what a TiDAR step needs), and records the number of tokens (CPU: no
     device sync)."""
 
     def __init__(self, runner):

@@ -99,7 +99,28 @@ def test_greedy_parity_with_ar_32_prompts(tidar_llm, prompts, ar_results):
 
 
 def test_greedy_parity_batch_of_8_lengths(tidar_llm, batch8, ar_results):
-    assert token_ids(generate(tidar_llm, batch8, _greedy())) == ar_results["batch8"]
+    """Also: the lm_head, sampler and rejection sampler see only the K+1 verify rows of a
+    TiDAR step (patches/tidar_verify_rows_only.py), not its 20 scheduled rows."""
+    model = runner_model(tidar_llm)
+    seen = []
+    orig = model.compute_logits
+
+    def spy(hidden_states):
+        step = model.tidar_last_step()
+        if step is not None:
+            seen.append((hidden_states.shape[0], int(step.tidar.sum()), len(step.query_start_loc) - 1))
+        return orig(hidden_states)
+
+    model.compute_logits = spy
+    try:
+        assert token_ids(generate(tidar_llm, batch8, _greedy())) == ar_results["batch8"]
+    finally:
+        del model.compute_logits
+    k = model.tidar_layout.num_drafts
+    full = [(rows, reqs) for rows, tidar, reqs in seen if tidar == reqs == 8]
+    assert full, seen  # steps where all 8 requests ran a full TiDAR step
+    # the first decode step drafts nothing (all MASK): one row per request; then K+1 each
+    assert full[0][0] == 8 and all(rows == 8 * (k + 1) for rows, _ in full[1:]), full
 
 
 def test_matches_reference_decoder(tidar_llm, ckpt, prompts):

@@ -30,12 +30,13 @@ def test_register_applies_every_patch_idempotently():
 
     assert getattr(SamplingParams._validate_spec_decode, "_vllm_tidar_patched", False)
     assert getattr(GPUModelRunner._input_fits_in_drafter, "_vllm_tidar_patched", False)
+    assert getattr(GPUModelRunner._calc_spec_decode_metadata, "_vllm_tidar_patched", False)
     from vllm.v1.engine.async_llm import AsyncLLM
 
     assert getattr(AsyncLLM.shutdown, "_vllm_tidar_patched", False)
     assert set(PATCHES) == {"spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar",
                             "rebind_kernels_skip_llvmlite", "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len",
-                            "shutdown_fails_pending_requests"}
+                            "shutdown_fails_pending_requests", "tidar_verify_rows_only"}
 
 
 def test_patches_name_their_vllm_version():
@@ -176,6 +177,7 @@ def test_kernel_rebind_scan_survives_llvmlite():
      ("rebind_kernels_skip_llvmlite", "vllm.triton_utils.dispatcher", "_rebind_kernels"),
      ("spec_refuse_logprob_token_ids", "vllm.sampling_params:SamplingParams", "_validate_spec_decode"),
      ("tidar_drafts_near_max_len", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_input_fits_in_drafter"),
+     ("tidar_verify_rows_only", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_calc_spec_decode_metadata"),
      ("shutdown_fails_pending_requests", "vllm.v1.engine.async_llm:AsyncLLM", "shutdown")],
 )
 def test_wrapping_patches_fail_loudly_on_upstream_change(monkeypatch, name, owner, attr):
@@ -228,6 +230,90 @@ def test_tidar_drafts_fit_whatever_the_longest_sequence():
     assert not GPUModelRunner._input_fits_in_drafter(runner("custom_class", PROPOSER_PATH), None)
     assert not GPUModelRunner._input_fits_in_drafter(runner("ngram", None), md)  # others: upstream rule
     assert GPUModelRunner._input_fits_in_drafter(runner("ngram", None), SimpleNamespace(max_seq_len=512 - N))
+
+
+# --- tidar_verify_rows_only ---------------------------------------------------------------
+def _spec_runner(input_ids, model):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    r = object.__new__(GPUModelRunner)
+    ids = torch.tensor(input_ids, dtype=torch.int32)
+    r.input_ids = SimpleNamespace(np=ids.numpy(), cpu=ids, gpu=ids)
+    r._arange_scratch = np.arange(1024, dtype=np.int32)
+    r.arange_np = np.arange(1024, dtype=np.int32)
+    r.device = torch.device("cpu")
+    r.model = model
+    r.get_model = lambda: model
+    r.input_batch = SimpleNamespace(req_ids=["a", "b", "c", "d"])
+    return r
+
+
+def test_tidar_spec_metadata_covers_only_rows_before_the_first_mask():
+    """Per request the logits rows are x_last and its leading non-MASK drafts: a full TiDAR
+    step (K=3, L=20), a prefill chunk, a degraded step (1 real draft of 3), all-MASK drafts.
+    A non-TiDAR model keeps upstream's rows (every draft)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import vllm_tidar
+
+    vllm_tidar.register()
+    M = 1
+    full = [10, 11, 12, 13] + [M] * 16  # rows 0..19
+    prefill = [20, 21, 22, 23, 24]  # rows 20..24
+    degraded = [30, 31, M, M]  # rows 25..28
+    all_mask = [40] + [M] * 19  # rows 29..48
+    ids = full + prefill + degraded + all_mask
+    n = np.array([19, 0, 3, 19], dtype=np.int32)
+    cu = np.array([20, 25, 29, 49], dtype=np.int32)
+    told = []
+    model = SimpleNamespace(tidar_mask_id=M, tidar_set_sampled_rows=told.append)
+    md = _spec_runner(ids, model)._calc_spec_decode_metadata(n, cu)
+    assert md.logits_indices.tolist() == [0, 1, 2, 3, 24, 25, 26, 29]
+    assert md.num_draft_tokens == [3, 0, 1, 0]
+    assert md.draft_token_ids.tolist() == [11, 12, 13, 31]
+    assert md.target_logits_indices.tolist() == [0, 1, 2, 5]
+    assert md.bonus_logits_indices.tolist() == [3, 4, 6, 7]
+    assert [c.tolist() for c in told] == [[4, 1, 2, 1]]
+    runner = _spec_runner(ids, model)
+    runner._calc_spec_decode_metadata(n, cu)
+    assert runner.input_batch.tidar_real_drafts == {"a": 3, "b": 0, "c": 1, "d": 0}
+
+    md = _spec_runner(ids, SimpleNamespace())._calc_spec_decode_metadata(n, cu)  # not a TiDAR model
+    assert md.num_draft_tokens == [19, 0, 3, 19]
+    assert md.logits_indices.tolist() == list(range(20)) + [24, 25, 26, 27, 28] + list(range(29, 49))
+
+
+def test_grammar_bitmask_rows_follow_the_verify_rows():
+    """Structured output: upstream's bitmask has 1 + len(spec tokens) rows per structured
+    request; the patch hands it the rows (and spec tokens) of the m + 1 logits rows only."""
+    import numpy as np
+    from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+
+    mod = load_patch_module("tidar_verify_rows_only")
+    so = SchedulerOutput.make_empty()
+    so.scheduled_spec_decode_tokens = {"a": [11, 12, 1, 1, 1], "b": [1, 1], "c": [31, 1]}
+    bitmask = np.arange(6 + 3 + 3)[:, None]  # a: rows 0-5, b: 6-8, c: 9-11
+    go = GrammarOutput(structured_output_request_ids=["a", "b", "c"], grammar_bitmask=bitmask)
+    so2, go2 = mod.cut_grammar_inputs(so, go, {"a": 2, "b": 0, "c": 1})
+    assert go2.grammar_bitmask[:, 0].tolist() == [0, 1, 2, 6, 9, 10]
+    assert so2.scheduled_spec_decode_tokens == {"a": [11, 12], "b": [], "c": [31]}
+    assert so.scheduled_spec_decode_tokens["a"] == [11, 12, 1, 1, 1]  # the scheduler's own copy is untouched
+
+
+def test_leading_real_drafts_stops_at_the_first_mask():
+    import numpy as np
+
+    mod = load_patch_module("tidar_verify_rows_only")
+    ids = np.array([5, 6, 1, 7, 8, 9, 1])  # request 0: rows 0-3, drafts 6 1 7; request 1: rows 4-6, drafts 9 1
+    got = mod.leading_real_drafts(ids, np.array([3, 2], dtype=np.int32), np.array([4, 7], dtype=np.int32), 1)
+    assert got.tolist() == [1, 1]
+    got = mod.leading_real_drafts(ids, np.array([0, 0], dtype=np.int32), np.array([4, 7], dtype=np.int32), 1)
+    assert got.tolist() == [0, 0]
 
 
 # --- shutdown_fails_pending_requests ------------------------------------------------------

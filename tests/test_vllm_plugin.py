@@ -189,9 +189,9 @@ class _FakeModel:
         self.stash = stash
         self.num_drafts = []
 
-    def take_tidar_drafts(self):
+    def tidar_next_drafts(self, accepted, num_drafts):
         s, self.stash = self.stash, {}
-        return s
+        return {i: rows[a][:num_drafts] for i, rows in s.items() if num_drafts and accepted[i] is not None}
 
     def tidar_use_layout(self, layout):
         self.num_drafts.append(layout.num_drafts)

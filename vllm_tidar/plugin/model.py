@@ -9,12 +9,14 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   (the KV slot of each row stays vLLM's, so rollback of rejected rows is untouched);
 * marks the request in the attention metadata (``set_tidar_steps``) so the TiDAR
   attention backend applies the layout's template instead of a causal mask;
-* in ``compute_logits`` (optionally mixes the bonus-mask logits in with ``beta``),
-  sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted, and
-  stashes, per request, the next drafts for every acceptance count (a
-  ``(K+1, K_max)`` argmax over ``layout.block_draft_index``): the proposer picks row
-  ``a`` and keeps as many drafts as the next step takes (no second model pass). The
-  lm_head runs only on the rows something reads (verify rows, draft rows).
+* in ``forward`` stashes, per TiDAR request, the hidden states of the draft rows of every
+  block (``layout.block_draft_index``: ``(K+1, K_max)`` rows); the proposer, once the
+  sampler has decided how many drafts ``a`` were accepted, asks for block ``a`` only
+  (``tidar_next_drafts``): the lm_head runs on ``K`` rows per request, not ``(K+1)*K``;
+* in ``compute_logits`` sees only each request's verify rows ``x_last, d1..dm`` (``m`` real
+  drafts; ``patches/tidar_verify_rows_only.py`` tells the model ``m + 1`` per request via
+  ``tidar_set_sampled_rows``), optionally mixes in the bonus-mask logits with ``beta``, and
+  sets ``logits[:, mask_token_id] = -inf`` so MASK is never sampled nor accepted.
 
 The layout may change from step to step (adaptive drafting: K, and the block length among
 those the checkpoint was trained with): the proposer calls ``tidar_use_layout(layout)`` for
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -76,6 +79,7 @@ class TiDARStep:
     query_start_loc: list[int]  # host copy, num_reqs + 1 entries
     tidar: torch.Tensor  # bool per request: ran a full TiDAR step (template attention, drafts stashed)
     prefilling: list[bool]
+    starts: torch.Tensor  # first row of each request in the forward's token rows (device)
 
 
 @dataclass(frozen=True)
@@ -88,18 +92,12 @@ class _StepTensors:
     position_shift: torch.Tensor  # layout RoPE offset of each row minus its row index
     bonus_rows: torch.Tensor  # beta mixing: mask row predicting the same position as verify row i
     draft_index: torch.Tensor  # (K+1, K_max): draft rows of each block, as many as the proposer may take
-    skip_rows: torch.Tensor  # rows whose logits nothing reads (no lm_head for them)
 
     @classmethod
-    def build(cls, layout: DecodeLayout, device, max_drafts: int, beta: float) -> "_StepTensors":
+    def build(cls, layout: DecodeLayout, device, max_drafts: int) -> "_StepTensors":
         rows = torch.arange(layout.num_tokens)
         draft_index = layout.block_draft_index[:, :max_drafts]
         bonus = torch.tensor([layout.bonus_mask_row(i) for i in range(layout.num_verify)])
-        read = torch.zeros(layout.num_tokens, dtype=torch.bool)
-        read[: layout.num_verify] = True
-        read[draft_index.flatten()] = True
-        if beta != 1.0:
-            read[bonus] = True
         return cls(
             layout=layout,
             step_mask=StepMask(layout, 0, device),
@@ -107,7 +105,6 @@ class _StepTensors:
             position_shift=(layout.position_offsets - rows).to(device),
             bonus_rows=bonus.to(device),
             draft_index=draft_index.to(device),
-            skip_rows=(~read).nonzero().flatten().to(device),
         )
 
 
@@ -157,7 +154,12 @@ class _TiDARMixin:
                 )
                 n += 1
         self._tidar_last: TiDARStep | None = None
-        self._tidar_drafts: tuple[torch.Tensor, torch.Tensor] | None = None
+        # logits rows per request: of the step being prepared, of the last forward
+        self._tidar_rows_next: np.ndarray | None = None
+        self._tidar_rows: np.ndarray | None = None
+        # hidden states of the last forward's draft rows (R, K+1, K_max, H) and bonus rows (R, K+1, H)
+        self._tidar_draft_hidden: torch.Tensor | None = None
+        self._tidar_bonus_hidden: torch.Tensor | None = None
         logger.info(
             "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on %s)",
             self.tidar_settings.block_length,
@@ -173,6 +175,7 @@ class _TiDARMixin:
         runs a full TiDAR step iff it decodes ``L`` tokens whose mask slots hold MASK. Its
         rows get the layout's RoPE positions, and the attention metadata is told."""
         self._tidar_last = None
+        self._tidar_rows, self._tidar_rows_next = self._tidar_rows_next, None
         layout = self.tidar_layout
         if layout is None or input_ids is None or not is_forward_context_available():
             return positions
@@ -201,7 +204,7 @@ class _TiDARMixin:
         positions = positions.index_add(0, rows.flatten(), shift.flatten())
         for m in mds.values():
             m.set_tidar_steps(flags, tt.step_mask)
-        self._tidar_last = TiDARStep(qsl, flags, prefilling)
+        self._tidar_last = TiDARStep(qsl, flags, prefilling, starts)
         return positions
 
     def tidar_use_layout(self, layout: DecodeLayout) -> None:
@@ -212,7 +215,7 @@ class _TiDARMixin:
         t = self._tidar_tensors.get(key)
         if t is None:
             t = self._tidar_tensors[key] = _StepTensors.build(
-                layout, self._tidar_device, self._tidar_max_drafts, self.tidar_settings.beta
+                layout, self._tidar_device, self._tidar_max_drafts
             )
         self._tidar_t = t
         self.tidar_layout = t.layout
@@ -221,76 +224,69 @@ class _TiDARMixin:
         """Step detection of the last forward (None when it had no TiDAR attention metadata)."""
         return self._tidar_last
 
+    def tidar_set_sampled_rows(self, counts: np.ndarray) -> None:
+        """Logits rows per request (batch order) of the step being prepared: ``m + 1`` for
+        ``m`` real drafts (``patches/tidar_verify_rows_only.py``)."""
+        self._tidar_rows_next = counts
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         positions = self._tidar_prepare(input_ids, positions)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self._tidar_draft_hidden = self._tidar_bonus_hidden = None
+        last = self._tidar_last
+        if last is not None and isinstance(hidden, torch.Tensor):
+            # draft (and bonus) rows of every request; rows of requests without a TiDAR step
+            # are clamped junk, dropped by the flags
+            tt, top = self._tidar_t, hidden.shape[0] - 1
+            self._tidar_draft_hidden = hidden[(last.starts[:, None, None] + tt.draft_index).clamp_(max=top)]
+            if self.tidar_settings.beta != 1.0:
+                self._tidar_bonus_hidden = hidden[(last.starts[:, None] + tt.bonus_rows).clamp_(max=top)]
+        return hidden
 
     # --- logits --------------------------------------------------------------------------
     def compute_logits(self, hidden_states: torch.Tensor):
-        layout, last = self.tidar_layout, self._tidar_last
-        self._tidar_drafts = None
-        plan = self._tidar_logits_plan(hidden_states.shape[0]) if layout is not None and last is not None else None
-        if plan is None or plan[2] is None:
-            logits = super().compute_logits(hidden_states)
-        else:  # lm_head only on the rows anything reads; the rest are 0 (never accepted)
-            part = super().compute_logits(hidden_states[plan[2]])
-            logits = None if part is None else part.new_zeros(hidden_states.shape[0], part.shape[1]).index_copy_(0, plan[2], part)
+        logits = super().compute_logits(hidden_states)
         if logits is None:
             return logits
         logits[:, self.tidar_mask_id] = -torch.inf
-        if plan is None:
+        bonus = self._tidar_bonus_hidden
+        if bonus is None:
             return logits
-        offs, flags, _ = plan
-        tt = self._tidar_t
+        # beta mixing: verify row i of a TiDAR request with the mask row predicting the same token
+        counts = self._tidar_rows
+        if counts is None or int(counts.sum()) != logits.shape[0]:
+            raise RuntimeError(f"TiDAR: {logits.shape[0]} logits rows, the step scheduled "
+                               f"{None if counts is None else int(counts.sum())}")
+        dev = logits.device
+        req = torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).to(dev)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        pos = torch.from_numpy(np.arange(logits.shape[0]) - np.repeat(first, counts)).to(dev)
+        pos = pos.clamp_(max=bonus.shape[1] - 1)
         beta = self.tidar_settings.beta
-        if beta != 1.0 and bool(flags.any()):
-            t_offs = offs[flags][:, None]
-            verify = t_offs + torch.arange(layout.num_verify, device=logits.device)
-            bonus = t_offs + tt.bonus_rows
-            logits[verify] = beta * logits[verify] + (1.0 - beta) * logits[bonus]
-            logits[:, self.tidar_mask_id] = -torch.inf
-        if not bool(flags.any()):  # no TiDAR step in the batch (plain or degraded steps): nothing to stash
-            return logits
-        # next drafts of every request for every acceptance count: (R, K+1, K_max); rows of
-        # requests that ran no TiDAR step are clamped junk, dropped by the flags
-        idx = (offs[:, None, None] + tt.draft_index).clamp_(max=logits.shape[0] - 1)
-        self._tidar_drafts = (flags, logits[idx].argmax(-1))
+        mixed = beta * logits + (1.0 - beta) * super().compute_logits(bonus[req, pos])
+        logits = torch.where(self._tidar_last.tidar[req][:, None], mixed, logits)
+        logits[:, self.tidar_mask_id] = -torch.inf
         return logits
 
-    def _tidar_logits_plan(self, num_rows: int):
-        """(first logits row per request, TiDAR flags, rows to run the lm_head on or None
-        for all) for the last forward; None when its rows cannot be mapped to requests.
-
-        A TiDAR step's logits rows that nothing reads (mask 0 of each block unless beta
-        mixes it in, masks past the largest K the proposer drafts) are left out: vLLM's
-        rejection sampler stops at the first MASK draft, before any of them."""
+    def tidar_next_drafts(self, accepted: list[int | None], num_drafts: int) -> dict[int, list[int]]:
+        """Drafts for the next step from the last forward's stash, by batch row: for a row that
+        ran a full TiDAR step and accepted ``a`` drafts, the argmax of block ``a``'s first
+        ``num_drafts`` draft rows (fewer when that step's block length drafts fewer). The
+        stash is used up; ``num_drafts = 0`` just drops it."""
+        hid, self._tidar_draft_hidden = self._tidar_draft_hidden, None
         last = self._tidar_last
-        # logits rows per request (host lists): every scheduled row for a request given
-        # drafts (TiDAR or degraded decode step), one row otherwise
-        qsl, pre = last.query_start_loc, last.prefilling
-        counts = [(e - s) if (not p and e - s > 1) else 1 for s, e, p in zip(qsl[:-1], qsl[1:], pre)]
-        if sum(counts) != num_rows:  # e.g. a preempted request recomputing its output
-            logger.debug("TiDAR: could not map logits rows to requests; no drafts this step")
-            return None
-        dev = last.tidar.device
-        offs = torch.tensor([0, *counts[:-1]], device=dev).cumsum(0)
-        flags = last.tidar
-        skip = self._tidar_t.skip_rows
-        if not skip.numel() or not bool(flags.any()):
-            return offs, flags, None
-        need = torch.ones(num_rows, dtype=torch.bool, device=dev)
-        need[(offs[flags][:, None] + skip).flatten()] = False
-        return offs, flags, need.nonzero().flatten()
-
-    def take_tidar_drafts(self) -> dict[int, list[list[int]]]:
-        """Next drafts of the last step's full TiDAR requests, by batch row: ``K+1`` lists
-        of ``K_max`` drafts (the configured K), list ``a`` for ``a`` accepted drafts (the
-        proposer keeps as many as the next step drafts)."""
-        d, self._tidar_drafts = self._tidar_drafts, None
-        if d is None:
+        if hid is None or last is None or num_drafts <= 0:
             return {}
-        flags, cut = d
-        return {i: rows for i, (f, rows) in enumerate(zip(flags.tolist(), cut.tolist())) if f}
+        rows = [i for i, a in enumerate(accepted[: hid.shape[0]]) if a is not None and 0 <= a < hid.shape[1]]
+        if not rows:
+            return {}
+        dev = hid.device
+        ri = torch.tensor(rows, device=dev)
+        h = hid[ri, torch.tensor([accepted[i] for i in rows], device=dev), :num_drafts]  # (n, k, H)
+        logits = super().compute_logits(h.flatten(0, 1))
+        logits[:, self.tidar_mask_id] = -torch.inf
+        ids = logits.argmax(-1).view(len(rows), -1).tolist()
+        return {r: d for r, d, f in zip(rows, ids, last.tidar[ri].tolist()) if f}
 
 
 class TiDARLlamaForCausalLM(_TiDARMixin, LlamaForCausalLM):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 PATCHES = ["spec_config_tidar", "cpu_expand_batch_to_tokens", "spec_metrics_tidar", "rebind_kernels_skip_llvmlite",
-           "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len",
+           "spec_refuse_logprob_token_ids", "tidar_drafts_near_max_len", "tidar_verify_rows_only",
            "shutdown_fails_pending_requests"]
 
 

@@ -5,8 +5,8 @@ With ``k`` drafts a decode step schedules ``L(k)`` tokens ``[x_last, d1..dk, MAS
 (k+1)*block_len]``: the proposer returns ``num_speculative_tokens(k) = L(k) - 1`` draft
 tokens per request. vLLM's rejection sampler verifies ``d1..dk`` (MASK drafts are always
 rejected because the model sets their logit to -inf); then, for each request, the first
-``k_next`` of row ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``) of the next-draft
-tensor the model stashed in the same forward, followed by the mask slots of ``k_next``.
+``k_next`` draft rows of block ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``), whose
+hidden states the model stashed in the same forward, followed by the mask slots of ``k_next``.
 ``k_next = 0`` means a plain AR step (no drafts). Requests that did not run a full TiDAR
 step (first step after prefill or after a plain step, degraded steps) get all-MASK
 drafts: they are rejected and the next step's block 0 supplies real drafts. Such steps
@@ -15,7 +15,9 @@ are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
 The wall time between two calls is one engine step: it feeds the policy's cost model
 (only steps that ran exactly what was proposed last time: every batch row grew by just its
 sampled tokens, so prefills, new requests and idle gaps are skipped), and the accepted
-counts of real drafts feed its acceptance model.
+counts of real drafts feed its acceptance model. The lm_head runs on the next drafts only
+after the layout is chosen, on block ``a`` of each request (``model.tidar_next_drafts``), and
+not at all before a plain AR step.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class TiDARProposer:
         self._num_tokens: list[int] | None = None  # per batch row, tokens (no drafts) at the last call
 
     def load_model(self, target_model) -> None:
-        if not hasattr(target_model, "take_tidar_drafts"):
+        if not hasattr(target_model, "tidar_next_drafts"):
             raise TypeError(
                 f"the TiDAR proposer needs a TiDAR model, got {type(target_model).__name__}"
             )
@@ -90,7 +92,6 @@ class TiDARProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **kwargs):
         now = time.perf_counter()
-        stash = self.model.take_tidar_drafts() if self.model is not None else {}
         n = len(sampled_token_ids)
         num_tokens = [int(x) for x in num_tokens_no_spec[:n]] if num_tokens_no_spec is not None else None
         # the step just run is the one proposed last time iff every row only grew by what it
@@ -107,6 +108,8 @@ class TiDARProposer:
                     acc.observe(self._layout.num_drafts, len(toks) - 1)
         active = sum(1 for t in sampled_token_ids if t)
         nxt = self.policy.choose(active)
+        accepted = [len(t) - 1 if t else None for t in sampled_token_ids]
+        stash = self.model.tidar_next_drafts(accepted, nxt.num_drafts if nxt is not None else 0) if self.model is not None else {}
         out, real = [], []
         mask = self.mask_id
         for i, toks in enumerate(sampled_token_ids):
@@ -114,13 +117,11 @@ class TiDARProposer:
                 out.append([])
                 real.append(False)
                 continue
-            drafts = stash.get(i)
-            a = len(toks) - 1
-            if drafts is None or a >= len(drafts):
+            d = stash.get(i)  # a smaller block than the next step's gives fewer drafts
+            if d is None:
                 out.append([mask] * nxt.num_speculative_tokens)
                 real.append(False)
                 continue
-            d = drafts[a][: nxt.num_drafts]  # a smaller block than the next step's gives fewer
             out.append(d + [mask] * (nxt.num_speculative_tokens - len(d)))
             real.append(True)
         if nxt is not None and self.model is not None:
