@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import platform
 import sys
 import time
@@ -295,25 +296,42 @@ def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_m
 
 # --- results ---------------------------------------------------------------------------------
 def make_rows(methods: list[Method], results: dict) -> list[dict]:
-    """Table rows (one per method and batch size) with speedup and identity vs the baseline."""
+    """Table rows (one per method and batch size) with speedup and identity vs the baseline.
+
+    ``results[name]["rounds"]``: one ``{batch_size: run}`` per round (the engines ran round by
+    round, interleaved). A row's statistics pool every round's requests and seconds; its speedup
+    is the median over rounds of tokens/s over the baseline's in the same round (pairing within
+    a round cancels the engine-to-engine drift), with the min and max over rounds."""
     rows = []
     for m in methods:
         if m.name not in results:
             continue
-        for b, run in results[m.name]["runs"].items():
+        rounds = results[m.name]["rounds"]
+        base_rounds = results.get(m.baseline, {}).get("rounds") if m.baseline else None
+        for b in rounds[0]:
+            runs = [r[b] for r in rounds]
+            records = [rec for run in runs for rec in run["records"]]
             row = {"method": m.name, "label": m.label, "kind": m.kind, "k": m.k, "batch_size": b, "baseline": m.baseline or None}
-            row.update(st.summarize(run["records"], run["seconds"], m.k))
-            base = results.get(m.baseline, {}).get("runs", {}).get(b) if m.baseline else None
-            if base is not None:
-                row["speedup"] = row["tokens_per_s"] / st.tokens_per_s(sum(r["num_tokens"] for r in base["records"]), base["seconds"])
+            row.update(st.summarize(records, sum(run["seconds"] for run in runs), m.k))
+            row["rounds"] = len(runs)
+            if base_rounds is not None and len(base_rounds) == len(runs) and b in base_rounds[0]:
+                base = [r[b] for r in base_rounds]
+                ratios = [_run_tps(run) / _run_tps(bb) for run, bb in zip(runs, base)]
+                row["speedup"] = statistics.median(ratios)
+                row["speedup_range"] = [min(ratios), max(ratios)]
                 row["identical"] = st.identical_count(
-                    [r["token_ids"] for r in run["records"]], [r["token_ids"] for r in base["records"]]
+                    [r["token_ids"] for r in records], [r["token_ids"] for bb in base for r in bb["records"]]
                 )
             else:
                 row["speedup"] = 1.0 if m.kind in ("ar", "ar-llama") else None
+                row["speedup_range"] = None
                 row["identical"] = None
             rows.append(row)
     return rows
+
+
+def _run_tps(run: dict) -> float:
+    return st.tokens_per_s(sum(r["num_tokens"] for r in run["records"]), run["seconds"])
 
 
 def _f(x, fmt: str = ".1f", none: str = "—") -> str:
@@ -327,7 +345,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"vLLM {meta['vllm']} (in-process, `enforce_eager`, {meta['dtype']}), torch {meta['torch']}; checkpoint "
         f"`{meta['checkpoint_name']}` (block length {meta['block_length']}); {meta['num_prompts']} {meta['prompt_source']} "
         f"prompts × {meta['max_tokens']} tokens (greedy, `ignore_eos`); batch sizes {', '.join(map(str, meta['batch_sizes']))}; "
-        f"total run time {meta['total_s'] / 60:.1f} min"
+        f"{meta.get('rounds', 1)} round(s); total run time {meta['total_s'] / 60:.1f} min"
         + (f"; 1-min load average {meta['load_average']['start']:.1f} at the start, {meta['load_average']['end']:.1f} at the end "
            f"({os.cpu_count()} cores; a load above {os.cpu_count()} means other processes competed for them)."
            if None not in meta["load_average"].values() else "."),
@@ -339,6 +357,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         acc = " ".join(_f(a, ".2f") for a in r["acceptance_per_position"]) or "—"
         same = "—" if r["identical"] is None else f"{r['identical']}/{r['requests']}"
         speed = _f(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else "")
+        if r.get("speedup_range") and r.get("rounds", 1) > 1:
+            speed += f" ({r['speedup_range'][0]:.2f}–{r['speedup_range'][1]:.2f})"
         if r["kind"] not in ("ar", "ar-llama") and r["baseline"]:
             speed += "" if r["baseline"] == "ar" else " ¹"
         lines.append(
@@ -348,7 +368,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         )
     lines += [
         "",
-        "- speedup: output tokens/s over the AR row's at the same batch size. TiDAR rows are compared with "
+        "- speedup: output tokens/s over the AR row's at the same batch size"
+        + (f", median over {meta['rounds']} rounds (engines run round by round; min–max in brackets). "
+           if meta.get("rounds", 1) > 1 else ". ")
+        + "TiDAR rows are compared with "
         "AR of the same TiDAR model class (`tidar_mode=ar`, same attention backend); rows marked ¹ "
         "(EAGLE-3, n-gram, which need the stock model) with AR on stock vLLM Llama.",
         "- TPOT: per request, (last token time − first token time) / (tokens − 1); p50/p95 over requests. "
@@ -436,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-k", type=int, default=3, help="n-gram num_speculative_tokens (default 3)")
     p.add_argument("--ngram-max", type=int, default=4, help="n-gram prompt_lookup_max (default 4)")
     p.add_argument("--ngram-min", type=int, default=2, help="n-gram prompt_lookup_min (default 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times, round by round; speedups are medians over rounds "
+                        "of within-round ratios (default 1)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
@@ -447,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in args.methods if m not in ALL_METHODS]
     if bad:
         raise TidarError(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(ALL_METHODS)})")
-    if args.num_prompts < 1 or args.max_tokens < 1:
-        raise TidarError("--num-prompts and --max-tokens must be positive")
+    if args.num_prompts < 1 or args.max_tokens < 1 or args.rounds < 1:
+        raise TidarError("--num-prompts, --max-tokens and --rounds must be positive")
     ckpt = Path(args.checkpoint).resolve()
     info = checkpoint_info(ckpt)
     texts, source = load_prompts(args.prompts, args.num_prompts)
@@ -490,16 +516,25 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"note: {n}", flush=True)
     results: dict = {}
-    for m in methods:
-        with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{m.name:>9}", unit="req", dynamic_ncols=True) as bar:
-            try:
-                results[m.name] = run_method(m, args, ckpt, prompts, max_model_len, bar)
-            except Exception as e:  # one method failing (e.g. an incompatible head) must not lose the rest
-                if m.kind in ("ar", "tidar"):
-                    raise
-                msg = f"{m.label} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                notes.append(msg)
-                tqdm.write(f"note: {msg}")
+    for rnd in range(args.rounds):
+        for m in methods:
+            if rnd and m.name not in results:
+                continue  # failed in round 1
+            desc = f"{m.name:>9}" + (f" r{rnd + 1}" if args.rounds > 1 else "")
+            with tqdm(total=len(prompts) * len(args.batch_sizes), desc=desc, unit="req", dynamic_ncols=True) as bar:
+                try:
+                    res = run_method(m, args, ckpt, prompts, max_model_len, bar)
+                except Exception as e:  # one method failing (e.g. an incompatible head) must not lose the rest
+                    if m.kind in ("ar", "tidar"):
+                        raise
+                    msg = f"{m.label} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    notes.append(msg)
+                    tqdm.write(f"note: {msg}")
+                    results.pop(m.name, None)
+                    continue
+            entry = results.setdefault(m.name, {"rounds": [], "build_s": []})
+            entry["rounds"].append(res["runs"])
+            entry["build_s"].append(res["build_s"])
 
     rows = make_rows(methods, results)
     for r in rows:
@@ -519,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "batch_sizes": args.batch_sizes,
+        "rounds": args.rounds,
         "max_model_len": max_model_len,
         "methods": {m.name: {"label": m.label, "k": m.k, "num_speculative_tokens": m.num_spec, "baseline": m.baseline,
                              "engine": m.engine, "build_s": results.get(m.name, {}).get("build_s")} for m in methods},
@@ -530,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, meta)
     (out / "results.md").write_text(md)
     per_request = {
-        m: {str(b): [{k: v for k, v in r.items() if k != "token_ids"} for r in run["records"]] for b, run in res["runs"].items()}
+        m: [{str(b): [{k: v for k, v in r.items() if k != "token_ids"} for r in run["records"]] for b, run in runs.items()}
+            for runs in res["rounds"]]
         for m, res in results.items()
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "requests": per_request}, indent=1))

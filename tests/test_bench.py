@@ -80,6 +80,11 @@ def test_summarize_row():
     assert ar["tokens_per_forward"] == 1.0 and ar["acceptance_per_position"] == [] and ar["mean_acceptance_length"] is None
 
 
+_META = dict(machine="cpu", vllm="0.32.0", torch="2.13.0", dtype="float32", checkpoint_name="demo", block_length=8,
+             num_prompts=2, prompt_source="HumanEval", max_tokens=4, batch_sizes=[1], total_s=6.0,
+             load_average={"start": 0.5, "end": 0.6}, notes=[])
+
+
 def test_rows_speedup_and_identity():
     methods = [
         bench.Method("ar", "AR", "ar", baseline=""),
@@ -88,8 +93,8 @@ def test_rows_speedup_and_identity():
     ar_recs = [dict(_req(4, 0.0, 0.3, 0.1), token_ids=[1, 2, 3, 4]), dict(_req(4, 0.0, 0.3, 0.1), token_ids=[5, 6, 7, 8])]
     td_recs = [dict(_req(4, 0.0, 0.1, 0.1, [2]), token_ids=[1, 2, 3, 4]), dict(_req(4, 0.0, 0.1, 0.1, [2]), token_ids=[5, 6, 7, 9])]
     results = {
-        "ar": {"runs": {1: {"records": ar_recs, "seconds": 2.0}}},
-        "tidar-k3": {"runs": {1: {"records": td_recs, "seconds": 1.0}}},
+        "ar": {"rounds": [{1: {"records": ar_recs, "seconds": 2.0}}]},
+        "tidar-k3": {"rounds": [{1: {"records": td_recs, "seconds": 1.0}}]},
     }
     rows = bench.make_rows(methods, results)
     assert [r["method"] for r in rows] == ["ar", "tidar-k3"]
@@ -97,6 +102,21 @@ def test_rows_speedup_and_identity():
     assert rows[1]["speedup"] == pytest.approx(2.0) and rows[1]["identical"] == 1
     assert rows[1]["tokens_per_forward"] == pytest.approx(4 / 2)
     assert st.identical_count([[1], [2]], [[1], [3]]) == 1
+
+    # three interleaved rounds: the speedup is the median of within-round ratios (3, 2, 0.5 -> 2),
+    # not the ratio of pooled rates; identity and tokens/forward pool every round
+    ar_s, td_s = [1.0, 2.0, 1.0], [1 / 3, 1.0, 2.0]
+    results = {
+        "ar": {"rounds": [{1: {"records": ar_recs, "seconds": a}} for a in ar_s]},
+        "tidar-k3": {"rounds": [{1: {"records": td_recs, "seconds": t}} for t in td_s]},
+    }
+    rows = bench.make_rows(methods, results)
+    assert rows[1]["rounds"] == 3 and rows[1]["speedup"] == pytest.approx(2.0)
+    assert rows[1]["speedup_range"] == pytest.approx([0.5, 3.0])
+    assert rows[1]["identical"] == 3 and rows[1]["requests"] == 6
+    assert rows[1]["tokens_per_s"] == pytest.approx(24 / sum(td_s))
+    md = bench.markdown(rows, dict(_META, rounds=3))
+    assert "2.00× (0.50–3.00)" in md and "median over 3 rounds" in md
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -202,5 +222,5 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
     td = [r for r in rows if r["method"] == "tidar-k3"]
     assert all(len(r["acceptance_per_position"]) == 3 and len(r["acceptance_histogram"]) == 4 for r in td)
     assert all(sum(r["acceptance_histogram"]) == r["verify_steps"] > 0 for r in td)
-    per_req = data["requests"]["tidar-k3"]["1"]
+    per_req = data["requests"]["tidar-k3"][0]["1"]  # round 1, batch 1
     assert len(per_req) == 2 and all(len(x["per_step_accepted"]) == len(x["per_step_drafted"]) for x in per_req)
