@@ -318,6 +318,8 @@ def write_report(report: dict, samples: list[dict], out: str | Path) -> Path:
 
 # --- command line --------------------------------------------------------------------------------
 def _betas(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()  # plain AR only (e.g. the AR base before a conversion)
     try:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
@@ -331,7 +333,7 @@ def _betas(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-tidar quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--betas", type=_betas, default=(1.0, 0.5), help="TiDAR betas besides plain AR (default 1,0.5)")
+    p.add_argument("--betas", type=_betas, default=(1.0, 0.5), help="TiDAR betas besides plain AR (default 1,0.5; 'none': plain AR only)")
     p.add_argument("--limit", type=int, default=None, help="first N problems (default all 164)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--block-length", type=int, default=None, help="default: the checkpoint's")

@@ -193,3 +193,17 @@ def test_quality_cli_errors(capsys):
     assert "--limit" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quality", "--betas", "1,2"])
+
+
+def test_quality_plain_ar_only(tiny_ckpt, tmp_path):
+    """``--betas none``: pass@1 of plain AR alone (an AR base before its conversion)."""
+    out = tmp_path / "q"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_tidar.cli", "quality", "--checkpoint", str(tiny_ckpt), "--limit", "1",
+         "--max-tokens", "8", "--betas", "none", "--timeout", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["modes"]] == ["ar"] and report["exactness_beta1"] is None
+    assert "pass@1" in (out / "report.md").read_text()
