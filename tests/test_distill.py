@@ -67,6 +67,23 @@ def test_distill_data_writes_the_engines_greedy_ids(corpus, fresh):
         assert r["completion_ids"] == want
 
 
+def test_distill_data_from_the_ar_base_before_conversion(corpus, base, tmp_path):
+    """A plain AR checkpoint (the base a conversion starts from) is served as itself: its rows
+    are the base's own greedy continuations."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.update(ENGINE_ENV)
+    cfg = _cfg(corpus, tmp_path / "b.jsonl", checkpoint=str(base), num_samples=2, completion_len=8)
+    distill(cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    for r in _rows(cfg.out):
+        ids = torch.tensor([r["prompt_ids"]])
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=0, pad_token_id=0)
+        assert r["completion_ids"] == want[0, ids.shape[1]:].tolist()
+
+
 def test_windows_overlapping_the_evaluation_sets_are_refused_and_counted(corpus, fresh):
     cfg, report = fresh
     assert report["refused"]["humaneval"] > 0 and report["refused"]["held-out"] > 0
@@ -130,7 +147,12 @@ def test_bad_input_gives_one_line_errors(corpus, base, tmp_path, capsys):
     ok = ["--checkpoint", ckpt, "--corpus", str(corpus), "--out", out]
     assert "corpus /missing is neither a folder nor a .jsonl" in _error(
         capsys, "--checkpoint", ckpt, "--corpus", "/missing", "--out", out)
-    assert "has no TiDAR settings" in _error(capsys, "--checkpoint", str(base), "--corpus", str(corpus), "--out", out)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert "model type 'gpt2' is not supported" in _error(capsys, "--checkpoint", str(gpt2), "--corpus", str(corpus),
+                                                           "--out", out)
+    assert "cannot read" in _error(capsys, "--checkpoint", str(tmp_path), "--corpus", str(corpus), "--out", out)
     assert "prompt lengths must satisfy 1 <= min <= max" in _error(capsys, *ok, "--prompt-lengths", "40,20")
     assert "--prompt-lengths takes MIN,MAX" in _error(capsys, *ok, "--prompt-lengths", "1,2,3")
     assert "must be positive" in _error(capsys, *ok, "--max-tokens", "0")

@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     x = sub.add_parser("distill-data", help="the checkpoint's own AR continuations of corpus prompts (vLLM), as token ids")
-    x.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="TiDAR checkpoint, served as plain AR "
-                   "(default: the bundled demo)")
+    x.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT), help="TiDAR checkpoint, served as plain AR, or "
+                   "the AR base (Llama/Qwen2/Qwen3) before its conversion (default: the bundled demo)")
     x.add_argument("--corpus", required=True, help="folder of text/code files, or a .jsonl with a 'text' field")
     x.add_argument("--out", required=True, help="the .jsonl to write: {sample, prompt_ids, completion_ids} per line")
     x.add_argument("--num-samples", type=int, default=1000)

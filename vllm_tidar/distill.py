@@ -1,8 +1,8 @@
 """``vllm-tidar distill-data``: the model's own AR continuations of corpus prompts, made with vLLM, as token ids.
 
 Prompts are windows of ``prompt_lengths`` tokens drawn (seeded) from the corpus documents;
-each is continued by the TiDAR checkpoint served as plain AR (``tidar_mode="ar"``), greedy
-or sampled, and written as one JSON line ``{"sample": i, "prompt_ids": [...],
+each is continued by the TiDAR checkpoint served as plain AR (``tidar_mode="ar"``), or by
+the AR base before its conversion (served as itself), greedy or sampled, and written as one JSON line ``{"sample": i, "prompt_ids": [...],
 "completion_ids": [...]}``. The draw depends only on the corpus, the tokenizer, the seed,
 the lengths and the evaluation sets, so ``resume`` recomputes it and appends the samples
 the file lacks (sample ``i`` of a longer run is sample ``i`` of a shorter one).
@@ -23,10 +23,11 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from .checkpoint import read_settings
+from .checkpoint import check_family, read_settings
 from .data import read_documents, read_texts
 from .errors import TidarError
 
@@ -36,7 +37,7 @@ META_SUFFIX = ".meta.json"  # next to the .jsonl: the settings that made it, and
 
 @dataclass
 class DistillConfig:
-    checkpoint: str  # TiDAR checkpoint, served as plain AR
+    checkpoint: str  # TiDAR checkpoint, served as plain AR, or the AR base it is converted from
     corpus: str  # folder of text/code files or a .jsonl
     out: str  # the .jsonl written
     num_samples: int = 1000
@@ -213,13 +214,31 @@ def _done_samples(out: Path, cfg: DistillConfig, prompts: list[list[int]]) -> in
     return len(rows)
 
 
+def _checkpoint_config(path: str) -> dict:
+    """``config.json`` of a TiDAR checkpoint (settings checked) or of an AR base of a family
+    TiDAR converts (the model to distill before its conversion), else a one-line error."""
+    if "tidar" in (raw := _read_config(path)):
+        read_settings(path)
+    else:
+        check_family(SimpleNamespace(**raw))
+    return raw
+
+
+def _read_config(path: str) -> dict:
+    cfg_file = Path(path) / "config.json"
+    try:
+        return json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TidarError(f"cannot read {cfg_file}: {e}") from None
+
+
 def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     """Write (or complete) ``cfg.out``; returns the report that also goes to its meta file."""
     from transformers import AutoTokenizer
 
     cfg.validate()
-    read_settings(cfg.checkpoint)  # a TiDAR checkpoint, or a one-line error
-    max_pos = json.loads((Path(cfg.checkpoint) / "config.json").read_text()).get("max_position_embeddings")
+    raw = _checkpoint_config(cfg.checkpoint)
+    max_pos = raw.get("max_position_embeddings")
     max_len = cfg.prompt_lengths[1] + cfg.completion_len
     if max_pos is not None and max_len > max_pos:
         raise TidarError(f"max prompt length + completion length = {max_len} exceeds the model's {max_pos} positions")
@@ -253,7 +272,8 @@ def _generate(cfg: DistillConfig, prompts: list[list[int]], start: int, max_len:
 
     from .plugin.common import close_llm
 
-    llm = LLM(model=cfg.checkpoint, hf_overrides={"tidar_mode": "ar"}, dtype=cfg.dtype, seed=cfg.seed,
+    tidar = "tidar" in _read_config(cfg.checkpoint)  # a TiDAR checkpoint is served as plain AR, a base as itself
+    llm = LLM(model=cfg.checkpoint, hf_overrides={"tidar_mode": "ar"} if tidar else None, dtype=cfg.dtype, seed=cfg.seed,
               max_model_len=max_len, enforce_eager=True, use_tqdm_on_load=False)
     bar = tqdm(total=len(prompts), initial=start, desc="distill-data", unit="sample", disable=not progress)
     try:
