@@ -32,6 +32,18 @@ def test_step_costs_fit_measured_steps_and_skip_idle_gaps():
     assert c.num_observed == n
 
 
+def test_step_costs_learn_steps_far_above_the_prior():
+    """A large model or a loaded machine: steps 20x what the prior predicts are the measurements
+    (not outliers) until the fit has seen a few of each kind; then idle gaps are dropped again."""
+    c = StepCosts()
+    for _ in range(30):
+        assert c.observe(False, 1, 0.2)
+        assert c.observe(True, 20, 0.5)
+    assert c.predict(False, 1) == pytest.approx(0.2, rel=0.05)
+    assert c.predict(True, 20) == pytest.approx(0.5, rel=0.05)
+    assert not c.observe(False, 1, 5.0)
+
+
 def test_plain_steps_do_not_erase_what_tidar_steps_cost():
     c = _costs(4e-3, 6e-3, 1e-4)
     tidar_20 = c.predict(True, 20)

@@ -191,7 +191,8 @@ class _FakeModel:
 
     def tidar_next_drafts(self, accepted, num_drafts):
         s, self.stash = self.stash, {}
-        return {i: rows[a][:num_drafts] for i, rows in s.items() if num_drafts and accepted[i] is not None}
+        return {i: rows[a][:num_drafts] for i, rows in s.items()
+                if num_drafts and i < len(accepted) and (a := accepted[i]) is not None and a < len(rows)}
 
     def tidar_use_layout(self, layout):
         self.num_drafts.append(layout.num_drafts)

@@ -36,7 +36,7 @@ class StepCosts:
     long run of plain steps must not erase what TiDAR steps cost."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
-                 decay: float = 0.97, prior_weight: float = 0.1):
+                 decay: float = 0.97, prior_weight: float = 0.1, trust_after: int = 8):
         self.decay = decay
         # per kind (False: plain, True: TiDAR) sums of x x^T and y x
         self._a = {k: [[0.0] * 3 for _ in range(3)] for k in (False, True)}
@@ -53,6 +53,8 @@ class StepCosts:
                     self._a0[i][j] += prior_weight * x[i] * x[j]
         self._coef = _solve3(self._a0, self._y0)
         self.num_observed = 0
+        self._kind_seen = {False: 0, True: 0}
+        self.trust_after = trust_after
 
     @staticmethod
     def _features(tidar: bool, tokens: int) -> tuple[float, float, float]:
@@ -69,9 +71,15 @@ class StepCosts:
         return max(sum(c * v for c, v in zip(self._coef, x)), 1e-6)
 
     def observe(self, tidar: bool, tokens: int, seconds: float) -> bool:
-        """Add one measured step; returns False (ignored) for an outlier such as an idle gap."""
-        if seconds <= 0 or seconds > 3 * self.predict(tidar, tokens) + 0.02:
+        """Add one measured step; returns False (ignored) for an outlier such as an idle gap.
+        The first ``trust_after`` steps of each kind are always taken: until then the fit is
+        mostly the prior, which a larger model or a slower (or loaded) machine exceeds many
+        times over, and rejecting against it would keep the fit at the prior for good."""
+        if seconds <= 0:
             return False
+        if self._kind_seen[tidar] >= self.trust_after and seconds > 3 * self.predict(tidar, tokens) + 0.02:
+            return False
+        self._kind_seen[tidar] += 1
         x = self._features(tidar, tokens)
         d, a_k, y_k = self.decay, self._a[tidar], self._y[tidar]
         for i in range(3):
