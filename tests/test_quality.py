@@ -160,16 +160,22 @@ def test_stop_sequence_ends_decoding_early(tiny_ckpt, problems):
 
 
 # --- end to end ---------------------------------------------------------------------------------------
+def _run_quality(ckpt, out, *args):
+    """``vllm-tidar quality`` in its own process (see below); asserts it succeeded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_tidar.cli", "quality", "--checkpoint", str(ckpt), *args, "--timeout", "3",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_quality_cli_end_to_end(tiny_ckpt, tmp_path):
     """The command as users run it, in its own process (an in-process vLLM engine of an earlier
     test replaces torch.set_num_threads with a no-op for the rest of the process)."""
     out = tmp_path / "q"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_tidar.cli", "quality", "--checkpoint", str(tiny_ckpt), "--limit", "2",
-         "--max-tokens", "16", "--betas", "1,0.5", "--timeout", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _run_quality(tiny_ckpt, out, "--limit", "2", "--max-tokens", "16", "--betas", "1,0.5")
     report = json.loads((out / "report.json").read_text())
     assert [m["name"] for m in report["modes"]] == ["ar", "tidar_beta1", "tidar_beta0.5"]
     assert report["exactness_beta1"]["identical"] == 2 == report["exactness_beta1"]["problems"]
@@ -198,12 +204,7 @@ def test_quality_cli_errors(capsys):
 def test_quality_plain_ar_only(tiny_ckpt, tmp_path):
     """``--betas none``: pass@1 of plain AR alone (an AR base before its conversion)."""
     out = tmp_path / "q"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vllm_tidar.cli", "quality", "--checkpoint", str(tiny_ckpt), "--limit", "1",
-         "--max-tokens", "8", "--betas", "none", "--timeout", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_quality(tiny_ckpt, out, "--limit", "1", "--max-tokens", "8", "--betas", "none")
     report = json.loads((out / "report.json").read_text())
     assert [m["name"] for m in report["modes"]] == ["ar"] and report["exactness_beta1"] is None
     assert "pass@1" in (out / "report.md").read_text()
