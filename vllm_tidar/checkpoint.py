@@ -147,12 +147,15 @@ def save_tidar(model, tokenizer, settings: TidarSettings, out: str | Path, state
     return out
 
 
-def read_settings(path: str | Path) -> TidarSettings:
-    """TiDAR settings from ``path/config.json`` without loading weights."""
+def read_config(path: str | Path) -> dict:
+    """``path/config.json`` as a dict, or a one-line error."""
     cfg_file = Path(path) / "config.json"
     try:
-        raw = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TidarError(f"cannot read {cfg_file}: {e}") from None
 
-    return TidarSettings.from_hf_config(SimpleNamespace(**raw), source=str(path))
+
+def read_settings(path: str | Path) -> TidarSettings:
+    """TiDAR settings from ``path/config.json`` without loading weights."""
+    return TidarSettings.from_hf_config(SimpleNamespace(**read_config(path)), source=str(path))

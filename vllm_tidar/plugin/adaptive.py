@@ -52,9 +52,13 @@ class StepCosts:
                 for j in range(3):
                     self._a0[i][j] += prior_weight * x[i] * x[j]
         self._coef = _solve3(self._a0, self._y0)
-        self.num_observed = 0
-        self._kind_seen = {False: 0, True: 0}
+        self._kind_seen = {False: 0, True: 0}  # steps taken into the fit, per kind
         self.trust_after = trust_after
+
+    @property
+    def num_observed(self) -> int:
+        """Steps taken into the fit."""
+        return sum(self._kind_seen.values())
 
     @staticmethod
     def _features(tidar: bool, tokens: int) -> tuple[float, float, float]:
@@ -88,7 +92,6 @@ class StepCosts:
                 a_k[i][j] = d * a_k[i][j] + x[i] * x[j]
         a = [[self._a0[i][j] + self._a[False][i][j] + self._a[True][i][j] for j in range(3)] for i in range(3)]
         self._coef = _solve3(a, [self._y0[i] + self._y[False][i] + self._y[True][i] for i in range(3)])
-        self.num_observed += 1
         return True
 
 
