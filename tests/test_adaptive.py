@@ -139,8 +139,9 @@ def _ar_outputs(ckpt, prompts, sampling):
 @pytest.mark.slow
 def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     """Requests of different lengths finish one by one, so the batch shrinks 4 -> 1 and a
-    schedule moves K 1 -> 2 -> 3: output stays AR's, every drafting step counts its own K,
-    and engine and per-request counters agree."""
+    schedule moves K 0 -> 1 -> 2 -> 3: output stays AR's, every drafting step counts its own
+    K, engine and per-request counters agree, and the K=0 steps (no drafts in the batch)
+    run vLLM's plain sampler on one logits row per request, not the rejection sampler."""
     from vllm import SamplingParams
 
     from vllm_helpers import close_llm, make_llm, prompt_set, tiny_checkpoint, token_ids
@@ -150,16 +151,24 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     lengths = [12, 24, 36, 60]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     want = _ar_outputs(ckpt, prompts, params)
-    sched = [[1, 1, 3], [2, 3, 2], [4, 8, 1]]
+    sched = [[1, 1, 3], [2, 2, 2], [3, 3, 1], [4, 8, 0]]
     llm = make_llm(ckpt, per_request_spec_decode_metrics="detailed",
                    speculative_config={"method": "tidar", "num_speculative_tokens": 3,
                                        "num_speculative_tokens_per_batch_size": sched})
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    samples = []  # per sampled step: (spec metadata?, logits rows, requests)
+    orig_sample = runner._sample
+    runner._sample = lambda logits, md: (samples.append((md is not None, logits.shape[0], runner.input_batch.num_reqs)),
+                                         orig_sample(logits, md))[1]
     try:
         out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         metrics = {m.name: m for m in llm.get_metrics()}
     finally:
         close_llm(llm)
     assert token_ids(out) == want
+    plain = [s for s in samples if s[2] == 4]
+    assert len(plain) >= 10 and all(not spec and rows == 4 for spec, rows, _ in plain), plain
+    assert any(spec for spec, _, n in samples if n < 4)
     steps = [o.outputs[0].spec_decode_metrics for o in out]
     seen = set().union(*(set(m.per_step_drafted) for m in steps))
     assert seen == {1, 2, 3}, seen

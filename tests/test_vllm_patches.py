@@ -178,6 +178,7 @@ def test_kernel_rebind_scan_survives_llvmlite():
      ("spec_refuse_logprob_token_ids", "vllm.sampling_params:SamplingParams", "_validate_spec_decode"),
      ("tidar_drafts_near_max_len", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_input_fits_in_drafter"),
      ("tidar_verify_rows_only", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_calc_spec_decode_metadata"),
+     ("tidar_verify_rows_only", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs"),
      ("shutdown_fails_pending_requests", "vllm.v1.engine.async_llm:AsyncLLM", "shutdown")],
 )
 def test_wrapping_patches_fail_loudly_on_upstream_change(monkeypatch, name, owner, attr):
