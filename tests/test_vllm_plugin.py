@@ -181,6 +181,9 @@ def test_step_mask_rows_are_the_template_after_each_prefix():
         assert m[t, :, :p].all()  # the committed prefix
         assert torch.equal(m[t, :, p : p + big_l], layout.template[n_verify:])  # the step rows
         assert not m[t, :, p + big_l :].any()  # padding
+    bias = sm.mask_rows_bias(torch.tensor([3, 0, 7]), width, torch.float32)
+    assert bias.shape == (3, 1, layout.num_mask_slots, width)
+    assert torch.equal(bias[:, 0] == 0, m) and torch.isneginf(bias[:, 0][~m]).all()
 
 
 # --- proposer ------------------------------------------------------------------------------

@@ -195,25 +195,49 @@ class StepMask:
         full = torch.ones(layout.num_tokens, max_prefix + layout.num_tokens, dtype=torch.bool)
         full[:, max_prefix:] = layout.template
         self._full = full.to(device)
+        self._table: torch.Tensor | None = None
+        self._bias_tables: dict[torch.dtype, torch.Tensor] = {}
 
     def for_prefix(self, num_committed: int) -> torch.Tensor:
         if not 0 <= num_committed <= self.max_prefix:
             raise ValueError(f"prefix of {num_committed} tokens exceeds {self.max_prefix}")
         return self._full[:, self.max_prefix - num_committed :]
 
+    def _key_columns(self, num_committed: torch.Tensor, width: int) -> torch.Tensor:
+        """(T, width) column of each key in ``[visible | L template columns | hidden]``: 0
+        for a committed key, ``1 + i`` for step row ``i``, ``L + 1`` for padding."""
+        big_l = self.layout.num_tokens
+        p = num_committed.to(self._full.device)[:, None]
+        rel = torch.arange(width, device=self._full.device)[None, :] - p
+        return torch.where(rel < 0, 0, torch.where(rel < big_l, rel + 1, big_l + 1))
+
     def mask_rows(self, num_committed: torch.Tensor, width: int) -> torch.Tensor:
         """Mask rows of a batch of steps over keys in cache order, ``[committed | step rows |
         rest]`` padded to ``width``: (T, M, width) bool. For step ``t`` key ``j`` is visible iff
         ``j < num_committed[t]``, or it is step row ``j - num_committed[t]`` and the template
         (precomputed, only indexed here) lets the mask row see it."""
-        n_verify, big_l = self.layout.num_verify, self.layout.num_tokens
-        rows = self._full[n_verify:, self.max_prefix :]  # (M, L)
-        p = num_committed.to(self._full.device)[:, None]
-        j = torch.arange(width, device=self._full.device)[None, :]
-        rel = j - p  # (T, width)
-        in_step = (rel >= 0) & (rel < big_l)
-        step_ok = rows[:, rel.clamp(0, big_l - 1)].permute(1, 0, 2) & in_step[:, None, :]  # (T, M, width)
-        return step_ok | (j < p)[:, None, :]
+        return self._mask_table[:, self._key_columns(num_committed, width)].permute(1, 0, 2)
+
+    def mask_rows_bias(self, num_committed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """``mask_rows`` as an additive attention bias (0 visible, -inf hidden), (T, 1, M,
+        width); one gather from a table built once per dtype."""
+        table = self._bias_tables.get(dtype)
+        if table is None:
+            table = self._bias_tables[dtype] = torch.zeros(self._mask_table.shape, dtype=dtype,
+                                                           device=self._full.device).masked_fill_(
+                ~self._mask_table, float("-inf"))
+        return table[:, self._key_columns(num_committed, width)].permute(1, 0, 2).unsqueeze(1)
+
+    @property
+    def _mask_table(self) -> torch.Tensor:
+        """(M, L + 2) bool: a committed key (visible), the template's mask rows over the step
+        rows, a padding key (hidden)."""
+        if self._table is None:
+            rows = self._full[self.layout.num_verify:, self.max_prefix:]
+            m = rows.shape[0]
+            ones = torch.ones(m, 1, dtype=torch.bool, device=rows.device)
+            self._table = torch.cat([ones, rows, ~ones], dim=1)
+        return self._table
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,38 +125,34 @@ class TiDARCPUMetadata:
 
     def set_tidar_steps(self, flags: torch.Tensor, step_mask) -> None:
         """Mark full TiDAR steps (bool per request) and the ``StepMask`` their mask rows use."""
-        is_t = flags.to("cpu", torch.bool)  # host arrays: the CPU kernel's batch is built on the host
+        is_t = flags.to("cpu", torch.bool).numpy()  # host arrays: the CPU kernel's batch is built on the host
         self.tidar = None
-        if not bool(is_t.any()):
+        if not is_t.any():
             return
         layout = step_mask.layout
         big_l, n_verify = layout.num_tokens, layout.num_verify
-        qsl = torch.tensor(self.query_start_loc, dtype=torch.long)
-        seq = torch.tensor(self.seq_lens, dtype=torch.long)
+        qsl = np.asarray(self.query_start_loc, dtype=np.int64)
+        seq = np.asarray(self.seq_lens, dtype=np.int64)
         starts, lens = qsl[:-1], qsl[1:] - qsl[:-1]
         # kernel batch: TiDAR requests keep their K+1 verify rows (causal)
-        k_lens = torch.where(is_t, n_verify, lens)
-        k_seq = torch.where(is_t, seq - big_l + n_verify, seq)
-        keep = torch.ones(self.num_actual_tokens, dtype=torch.bool)
-        t_idx = is_t.nonzero().flatten()
-        t_starts = starts[t_idx]
-        step_rows = t_starts[:, None] + torch.arange(big_l)
-        mask_rows = step_rows[:, n_verify:]
-        keep[mask_rows.flatten()] = False
-        k_qsl = torch.zeros(self.num_reqs + 1, dtype=torch.int32)
-        torch.cumsum(k_lens, 0, out=k_qsl[1:])
-        k_seq = k_seq.to(torch.int32)
+        k_lens = np.where(is_t, n_verify, lens)
+        k_seq = np.where(is_t, seq - big_l + n_verify, seq).astype(np.int32)
+        t_idx = np.flatnonzero(is_t)
+        mask_rows = starts[t_idx, None] + np.arange(n_verify, big_l)
+        keep = np.ones(self.num_actual_tokens, dtype=bool)
+        keep[mask_rows.ravel()] = False
+        k_qsl = np.zeros(self.num_reqs + 1, dtype=np.int32)
+        np.cumsum(k_lens, out=k_qsl[1:])
         prefix = seq[t_idx] - big_l
         bs = self.block_size
         nblk = int((seq[t_idx].max() + bs - 1) // bs)
-        visible = step_mask.mask_rows(prefix, nblk * bs)
-        bias = torch.zeros(visible.shape, dtype=self.params.dtype).masked_fill_(~visible, float("-inf"))
+        t_idx = torch.from_numpy(t_idx)
         self.tidar = TiDARRows(
-            kernel_rows=keep.nonzero().flatten(),
-            kernel=_kernel_batch(self.params, k_qsl, k_seq, self.block_table),
-            mask_rows=mask_rows,
+            kernel_rows=torch.from_numpy(np.flatnonzero(keep)),
+            kernel=_kernel_batch(self.params, torch.from_numpy(k_qsl), torch.from_numpy(k_seq), self.block_table),
+            mask_rows=torch.from_numpy(mask_rows),
             pages=self.block_table[t_idx, :nblk].long(),
-            bias=bias.unsqueeze(1),
+            bias=step_mask.mask_rows_bias(torch.from_numpy(prefix), nblk * bs, self.params.dtype),
         )
 
 
@@ -220,8 +217,9 @@ def read_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch
     copy; SDPA on CPU is ~4x slower on the transposed key layout of the pages)."""
     t, n = blocks.shape
     _, h, bs, d = key_cache.shape
-    k = key_cache[blocks].view(t, n, h, d, bs).permute(0, 2, 1, 4, 3).reshape(t, h, n * bs, d).contiguous()
-    v = value_cache[blocks].permute(0, 2, 1, 3, 4).reshape(t, h, n * bs, d)
+    flat = blocks.flatten()
+    k = key_cache.index_select(0, flat).view(t, n, h, d, bs).permute(0, 2, 1, 4, 3).reshape(t, h, n * bs, d).contiguous()
+    v = value_cache.index_select(0, flat).view(t, n, h, bs, d).transpose(1, 2).reshape(t, h, n * bs, d)
     return k, v
 
 
