@@ -369,7 +369,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += [
         "",
         "- speedup: output tokens/s over the AR row's at the same batch size"
-        + (f", median over {meta['rounds']} rounds (engines run round by round; min–max in brackets). "
+        + (f", median over {meta['rounds']} rounds (engines run round by round, each round starting one engine later; min–max in brackets). "
            if meta.get("rounds", 1) > 1 else ". ")
         + "TiDAR rows are compared with "
         "AR of the same TiDAR model class (`tidar_mode=ar`, same attention backend); rows marked ¹ "
@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-max", type=int, default=4, help="n-gram prompt_lookup_max (default 4)")
     p.add_argument("--ngram-min", type=int, default=2, help="n-gram prompt_lookup_min (default 2)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="run every engine this many times, round by round; speedups are medians over rounds "
+                   help="run every engine this many times, round by round (each round starting one engine "
+                        "later); speedups are medians over rounds "
                         "of within-round ratios (default 1)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
@@ -517,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {n}", flush=True)
     results: dict = {}
     for rnd in range(args.rounds):
-        for m in methods:
+        # each round starts one engine later (engine-to-engine drift on a shared machine
+        # would otherwise always favour the same position)
+        shift = rnd % len(methods)
+        for m in methods[shift:] + methods[:shift]:
             if rnd and m.name not in results:
                 continue  # failed in round 1
             desc = f"{m.name:>9}" + (f" r{rnd + 1}" if args.rounds > 1 else "")
