@@ -143,6 +143,20 @@ def test_attention_backend_matches_dense_template_and_causal(bs, block_len):
     torch.testing.assert_close(output, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("block_len", [4, 8])
+def test_attention_backend_batch_of_only_tidar_steps(block_len):
+    """Every request a full TiDAR step: all rows (verify and mask) in one SDPA, no kernel
+    call, against dense SDPA with the layout's template."""
+    layout = DecodeLayout(block_len)
+    big_l = layout.num_tokens
+    reqs = [(45, big_l, True), (130, big_l, True), (3, big_l, True)]
+    impl, layer, kv_cache, md, q, k, v, ref = _attention_batch(reqs, 16, 4, 2, 64, layout)
+    assert md.tidar.kernel is None and md.tidar.bias.shape[:3] == (3, 1, big_l)
+    output = torch.full_like(q, float("nan"))
+    impl.forward(layer, q, k, v, kv_cache, md, output)
+    torch.testing.assert_close(output, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_attention_backend_without_tidar_steps_is_the_stock_kernel(monkeypatch):
     """No TiDAR step in the batch: one CPU_ATTN call over the whole batch, as vLLM's own
     CPU backend runs it (same output bits)."""
@@ -184,6 +198,11 @@ def test_step_mask_rows_are_the_template_after_each_prefix():
     bias = sm.mask_rows_bias(torch.tensor([3, 0, 7]), width, torch.float32)
     assert bias.shape == (3, 1, layout.num_mask_slots, width)
     assert torch.equal(bias[:, 0] == 0, m) and torch.isneginf(bias[:, 0][~m]).all()
+    full = sm.step_rows_bias(torch.tensor([3, 0, 7]), width, torch.float32)
+    assert full.shape == (3, 1, big_l, width) and torch.equal(full[:, :, n_verify:], bias)
+    for t, p in enumerate([3, 0, 7]):
+        assert torch.equal(full[t, 0, :, p : p + big_l] == 0, layout.template)
+        assert (full[t, 0, :, :p] == 0).all() and torch.isneginf(full[t, 0, :, p + big_l :]).all()
 
 
 # --- proposer ------------------------------------------------------------------------------

@@ -195,7 +195,10 @@ class StepMask:
         full = torch.ones(layout.num_tokens, max_prefix + layout.num_tokens, dtype=torch.bool)
         full[:, max_prefix:] = layout.template
         self._full = full.to(device)
-        self._table: torch.Tensor | None = None
+        # (L, L + 2): a committed key (visible), the template over the step rows, a padding key (hidden)
+        rows = self._full[:, max_prefix:]
+        ones = torch.ones(layout.num_tokens, 1, dtype=torch.bool, device=rows.device)
+        self._table = torch.cat([ones, rows, ~ones], dim=1)
         self._bias_tables: dict[torch.dtype, torch.Tensor] = {}
 
     def for_prefix(self, num_committed: int) -> torch.Tensor:
@@ -216,28 +219,25 @@ class StepMask:
         rest]`` padded to ``width``: (T, M, width) bool. For step ``t`` key ``j`` is visible iff
         ``j < num_committed[t]``, or it is step row ``j - num_committed[t]`` and the template
         (precomputed, only indexed here) lets the mask row see it."""
-        return self._mask_table[:, self._key_columns(num_committed, width)].permute(1, 0, 2)
+        cols = self._key_columns(num_committed, width)
+        return self._table[self.layout.num_verify:, cols].permute(1, 0, 2)
 
     def mask_rows_bias(self, num_committed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
         """``mask_rows`` as an additive attention bias (0 visible, -inf hidden), (T, 1, M,
-        width); one gather from a table built once per dtype."""
+        width): one gather from a table built once per dtype."""
+        return self._bias(num_committed, width, dtype, self.layout.num_verify)
+
+    def step_rows_bias(self, num_committed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The same for all ``L`` rows of each step (verify rows causal over the prefix and
+        each other, then the mask rows): (T, 1, L, width)."""
+        return self._bias(num_committed, width, dtype, 0)
+
+    def _bias(self, num_committed: torch.Tensor, width: int, dtype: torch.dtype, first_row: int) -> torch.Tensor:
         table = self._bias_tables.get(dtype)
         if table is None:
-            table = self._bias_tables[dtype] = torch.zeros(self._mask_table.shape, dtype=dtype,
-                                                           device=self._full.device).masked_fill_(
-                ~self._mask_table, float("-inf"))
-        return table[:, self._key_columns(num_committed, width)].permute(1, 0, 2).unsqueeze(1)
-
-    @property
-    def _mask_table(self) -> torch.Tensor:
-        """(M, L + 2) bool: a committed key (visible), the template's mask rows over the step
-        rows, a padding key (hidden)."""
-        if self._table is None:
-            rows = self._full[self.layout.num_verify:, self.max_prefix:]
-            m = rows.shape[0]
-            ones = torch.ones(m, 1, dtype=torch.bool, device=rows.device)
-            self._table = torch.cat([ones, rows, ~ones], dim=1)
-        return self._table
+            table = self._bias_tables[dtype] = torch.zeros(self._table.shape, dtype=dtype, device=self._full.device
+                                                           ).masked_fill_(~self._table, float("-inf"))
+        return table[first_row:, self._key_columns(num_committed, width)].permute(1, 0, 2).unsqueeze(1)
 
 
 @dataclass(frozen=True)

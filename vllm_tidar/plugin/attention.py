@@ -14,9 +14,13 @@ A full TiDAR step of a request is ``L = layout.num_tokens`` rows
   the mask rows are left out of that call (the query is compacted once per layer);
 * the mask rows of all TiDAR requests of the batch run in one SDPA over the request's
   pages up to ``P + L`` (committed prefix, then the step rows this step just wrote) with
-  the additive mask from ``StepMask.mask_rows`` (prefix visible, the layout's precomputed
-  template over the step rows, padding hidden), built once per step. This is the only place
-  that reads pages in torch: for TiDAR requests, once per layer, batched.
+  the additive mask from ``StepMask.mask_rows_bias`` (prefix visible, the layout's
+  precomputed template over the step rows, padding hidden: one gather per step from a
+  table built once). This is the only place that reads pages in torch: for TiDAR
+  requests, once per layer, batched;
+* when every request of the batch is a full TiDAR step (a steady decode batch), the verify
+  rows join the mask rows in that SDPA (``StepMask.step_rows_bias``, all ``L`` rows) and
+  the kernel is not called: the query and output are views, no row gather or scatter.
 
 Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``) and
 handed over with ``set_tidar_steps`` before the layers run; the per-step arrays (the
@@ -82,13 +86,17 @@ class KernelBatch:
 
 @dataclass
 class TiDARRows:
-    """Per-step arrays of a batch with TiDAR steps (built once, read by every layer)."""
+    """Per-step arrays of a batch with TiDAR steps (built once, read by every layer).
 
-    kernel_rows: torch.Tensor  # long: token rows that go to the kernel (all but mask rows)
-    kernel: KernelBatch
-    mask_rows: torch.Tensor  # long (T, M): mask rows of each TiDAR request
+    When every request of the batch runs a full TiDAR step, ``kernel`` is None: all ``L``
+    rows of each request go to the SDPA (``bias`` covers them all) and the kernel is not
+    called."""
+
+    kernel_rows: torch.Tensor | None  # long: token rows that go to the kernel (all but mask rows)
+    kernel: KernelBatch | None
+    mask_rows: torch.Tensor | None  # long (T, M): mask rows of each TiDAR request
     pages: torch.Tensor  # long (T, nblk): pages holding each TiDAR request's prefix and step rows
-    bias: torch.Tensor  # (T, 1, M, nblk * block_size) additive mask: 0 visible, -inf hidden
+    bias: torch.Tensor  # (T, 1, M or L, nblk * bs) additive mask: 0 visible, -inf hidden
 
 
 @dataclass
@@ -147,6 +155,12 @@ class TiDARCPUMetadata:
         bs = self.block_size
         nblk = int((seq[t_idx].max() + bs - 1) // bs)
         t_idx = torch.from_numpy(t_idx)
+        if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the SDPA, no kernel call
+            self.tidar = TiDARRows(
+                kernel_rows=None, kernel=None, mask_rows=None, pages=self.block_table[: self.num_reqs, :nblk].long(),
+                bias=step_mask.step_rows_bias(torch.from_numpy(prefix), nblk * bs, self.params.dtype),
+            )
+            return
         self.tidar = TiDARRows(
             kernel_rows=torch.from_numpy(np.flatnonzero(keep)),
             kernel=_kernel_batch(self.params, torch.from_numpy(k_qsl), torch.from_numpy(k_seq), self.block_table),
@@ -287,6 +301,16 @@ class TiDARCPUImpl(AttentionImpl):
         rows = md.tidar
         if rows is None:  # no TiDAR step: vLLM's CPU attention, unchanged
             self._kernel(layer, query[:n], key_cache, value_cache, output[:n], md.kernel)
+            return output
+        if rows.kernel is None:  # only TiDAR steps: all rows of each request in one SDPA
+            t, big_l = rows.pages.shape[0], rows.bias.shape[2]
+            k, v = read_pages(key_cache, value_cache, rows.pages)
+            q = query[:n].view(t, big_l, *query.shape[1:]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=rows.bias.to(q.dtype), scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+            output[:n].view(t, big_l, *output.shape[1:]).copy_(o.transpose(1, 2))
             return output
         # causal rows (other requests, and the verify rows of TiDAR requests): one kernel call
         q = query.index_select(0, rows.kernel_rows)
