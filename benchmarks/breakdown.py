@@ -149,7 +149,8 @@ def measure(ckpt: Path, label: str, engine: dict, prompts, batch_sizes, max_toke
     out = {}
     try:
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        # warm-up: the first batch size once in full, so the timed steps are not the engine's first
+        llm.generate([{"prompt_token_ids": p} for p in prompts[: batch_sizes[0]]], sp, use_tqdm=False)
         timers = StepTimers(llm)
         try:
             for b in batch_sizes:

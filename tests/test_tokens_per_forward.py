@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vllm_tidar.cli import main as cli_main
-from vllm_tidar.tokens_per_forward import MIN_DISTINCT_4, distinct_4, held_out_loss, measure, source_prompts
+from vllm_tidar.repetition import MIN_DISTINCT_4, distinct_4
+from vllm_tidar.tokens_per_forward import held_out_loss, measure, source_prompts
 
 
 def test_distinct_4_counts_repeated_4grams():

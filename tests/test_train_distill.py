@@ -99,6 +99,7 @@ def test_train_distill_options_give_one_line_errors(data, distilled, tmp_path, c
     assert "distill ratio must be in [0, 1]" in _train_error(capsys, *common, "--distill-ratio", "1.5")
     assert "must be >= 0" in _train_error(capsys, *common, "--distill-ar-weight", "-1")
     assert "one process only" in _train_error(capsys, *common, "--kl-weight", "0.1", "--nproc", "2")
+    assert "min distinct-4 must be in [0, 1]" in _train_error(capsys, *common, "--distill-min-distinct-4", "1.5")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt_ids": [5], "completion_ids": [99999]}) + "\n")
     assert "outside the vocabulary of 8192" in _train_error(capsys, "--data", str(data), "--seq-len", str(S),
@@ -106,6 +107,22 @@ def test_train_distill_options_give_one_line_errors(data, distilled, tmp_path, c
     bad.write_text('{"prompt_ids": [5]}\n')
     assert "needs integer lists" in _train_error(capsys, "--data", str(data), "--seq-len", str(S),
                                                  "--distill-data", str(bad), "--out", str(tmp_path / "o"))
+
+
+def test_distilled_loops_are_dropped_below_the_distinct_4_threshold(tmp_path):
+    """``--distill-min-distinct-4``: a continuation that loops (one 4-gram over and over) is
+    left out, varied ones are kept, prompts do not count; none left is a one-line error."""
+    from vllm_tidar.errors import TidarError
+
+    path = tmp_path / "d.jsonl"
+    rows = [([5, 5, 5, 5], list(range(10, 40))), ([6, 7], [9] * 30), ([8], [11, 12] * 15), ([9], list(range(50, 80)))]
+    path.write_text("".join(json.dumps({"sample": i, "prompt_ids": p, "completion_ids": c}) + "\n"
+                            for i, (p, c) in enumerate(rows)))
+    assert read_samples(path) == [p + c for p, c in rows]
+    assert read_samples(path, min_distinct_4=0.25) == [rows[0][0] + rows[0][1], rows[3][0] + rows[3][1]]
+    path.write_text(json.dumps({"sample": 0, "prompt_ids": [1, 2, 3, 4], "completion_ids": [9] * 30}) + "\n")
+    with pytest.raises(TidarError, match=r"no samples with distinct-4 >= 0.25 \(1 below\)"):
+        read_samples(path, min_distinct_4=0.25)
 
 
 def test_distill_kl_weight_sets_the_kl_row_weights(data, distilled, tmp_path):

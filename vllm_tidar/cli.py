@@ -44,6 +44,7 @@ def cmd_train(args) -> int:
         resume=args.resume, activation_checkpointing=args.activation_checkpointing,
         distill_data=args.distill_data, distill_ratio=args.distill_ratio, real_diff_weight=args.real_diff_weight,
         distill_ar_weight=args.distill_ar_weight, kl_weight=args.kl_weight, distill_kl_weight=args.distill_kl_weight,
+        distill_min_distinct_4=args.distill_min_distinct_4,
     )
     if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
         from .distributed import check_launch
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of KL(frozen --base || model) of the AR head on real rows (default 0; 1 process)")
     t.add_argument("--distill-kl-weight", type=float, default=0.0,
                    help="KL row weight of distilled rows, relative to real rows' 1 (default 0)")
+    t.add_argument("--distill-min-distinct-4", type=float, default=0.0,
+                   help="train only on distilled samples whose continuation has at least this share of distinct "
+                        "4-grams (drops the base's loops; default 0: all)")
     t.set_defaults(fn=cmd_train)
 
     b = sub.add_parser("build-demo", help="rebuild the demo checkpoint from scratch on CPU")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import TidarSettings, check_family, read_config
 from .data import read_documents, read_texts
 from .errors import TidarError
+from .repetition import distinct_4
 
 OVERLAP_WORDS = 13
 META_SUFFIX = ".meta.json"  # next to the .jsonl: the settings that made it, and what was refused
@@ -159,9 +160,11 @@ def draw_prompts(docs: list[list[int]], cfg: DistillConfig, refuse) -> tuple[lis
     return prompts, refused
 
 
-def read_samples(path: str | Path, vocab_size: int | None = None) -> list[list[int]]:
-    """``prompt_ids + completion_ids`` of every sample of a distill-data file."""
+def read_samples(path: str | Path, vocab_size: int | None = None, min_distinct_4: float = 0.0) -> list[list[int]]:
+    """``prompt_ids + completion_ids`` of every sample of a distill-data file whose
+    continuation has at least ``min_distinct_4`` distinct 4-grams (0: every sample)."""
     samples = []
+    looped = 0
     for n, row in _read_lines(Path(path)):
         ids = row.get("prompt_ids", None), row.get("completion_ids", None)
         if not all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in ids):
@@ -169,9 +172,13 @@ def read_samples(path: str | Path, vocab_size: int | None = None) -> list[list[i
         seq = ids[0] + ids[1]
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in seq):
             raise TidarError(f"{path}:{n} has token ids outside the vocabulary of {vocab_size} (another tokenizer?)")
+        if distinct_4(ids[1]) < min_distinct_4:
+            looped += 1
+            continue
         samples.append(seq)
     if not samples:
-        raise TidarError(f"distilled data {path} holds no samples")
+        raise TidarError(f"distilled data {path} holds no samples"
+                         + (f" with distinct-4 >= {min_distinct_4} ({looped} below)" if looped else ""))
     return samples
 
 

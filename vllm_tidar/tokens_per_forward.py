@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .checkpoint import load_tidar
 from .errors import TidarError
 from .reference import ReferenceDecoder
+from .repetition import MIN_DISTINCT_4, distinct_4
 
-MIN_DISTINCT_4 = 0.25
 HELD_OUT_WINDOW = 256
 
 
@@ -61,12 +61,6 @@ def source_prompts(folder: str | Path, limit: int | None = None) -> list[str]:
                         break
                 out.append("\n".join(head) + "\n")
     return out[:limit]
-
-
-def distinct_4(tokens: list[int]) -> float:
-    """Distinct 4-grams / 4-grams of one output (1.0 for fewer than 4 tokens)."""
-    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0
 
 
 @torch.inference_mode()

@@ -66,6 +66,7 @@ class TrainConfig:
     real_diff_weight: float = 1.0  # L_Diff weight of real-text rows (their L_AR weight is 1)
     distill_ar_weight: float = 0.0  # L_AR weight of distilled rows (their L_Diff weight is 1)
     distill_kl_weight: float = 0.0  # L_KL row weight of distilled rows (real rows: 1)
+    distill_min_distinct_4: float = 0.0  # drop distilled samples whose continuation loops (distinct 4-grams below this)
     kl_weight: float = 0.0  # weight of KL(frozen base || model) of the AR head on real rows
 
     def distill_rows(self) -> int:
@@ -86,6 +87,8 @@ class TrainConfig:
             raise TidarError(f"alpha must be >= 0, got {self.alpha}")
         if min(self.real_diff_weight, self.distill_ar_weight, self.kl_weight, self.distill_kl_weight) < 0:
             raise TidarError("loss weights (real diff, distill AR, KL, distill KL) must be >= 0")
+        if not 0 <= self.distill_min_distinct_4 <= 1:
+            raise TidarError(f"distill min distinct-4 must be in [0, 1], got {self.distill_min_distinct_4}")
         if not 0 <= self.distill_ratio <= 1:
             raise TidarError(f"distill ratio must be in [0, 1], got {self.distill_ratio}")
         if self.distill_data and self.distill_rows() == 0:
@@ -139,7 +142,8 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     distilled = None
     if cfg.distill_data:
         vocab = model.get_input_embeddings().weight.shape[0]
-        distilled = pack_ids(read_samples(cfg.distill_data, vocab), tokenizer.eos_token_id, cfg.seq_len)
+        distilled = pack_ids(read_samples(cfg.distill_data, vocab, cfg.distill_min_distinct_4),
+                             tokenizer.eos_token_id, cfg.seq_len)
     mix = MixedBatches(pack(texts, tokenizer, cfg.seq_len), distilled, cfg)
     base = _frozen_base(cfg, env.device) if cfg.kl_weight else None
     layouts = [TrainingLayout(cfg.seq_len, bl) for bl in cfg.block_lengths]
