@@ -141,32 +141,32 @@ class TiDARCPUMetadata:
         big_l, n_verify = layout.num_tokens, layout.num_verify
         qsl = np.asarray(self.query_start_loc, dtype=np.int64)
         seq = np.asarray(self.seq_lens, dtype=np.int64)
-        starts, lens = qsl[:-1], qsl[1:] - qsl[:-1]
-        # kernel batch: TiDAR requests keep their K+1 verify rows (causal)
-        k_lens = np.where(is_t, n_verify, lens)
-        k_seq = np.where(is_t, seq - big_l + n_verify, seq).astype(np.int32)
         t_idx = np.flatnonzero(is_t)
-        mask_rows = starts[t_idx, None] + np.arange(n_verify, big_l)
-        keep = np.ones(self.num_actual_tokens, dtype=bool)
-        keep[mask_rows.ravel()] = False
-        k_qsl = np.zeros(self.num_reqs + 1, dtype=np.int32)
-        np.cumsum(k_lens, out=k_qsl[1:])
-        prefix = seq[t_idx] - big_l
+        prefix = torch.from_numpy(seq[t_idx] - big_l)
         bs = self.block_size
         nblk = int((seq[t_idx].max() + bs - 1) // bs)
-        t_idx = torch.from_numpy(t_idx)
+        width = nblk * bs
         if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the SDPA, no kernel call
             self.tidar = TiDARRows(
                 kernel_rows=None, kernel=None, mask_rows=None, pages=self.block_table[: self.num_reqs, :nblk].long(),
-                bias=step_mask.step_rows_bias(torch.from_numpy(prefix), nblk * bs, self.params.dtype),
+                bias=step_mask.step_rows_bias(prefix, width, self.params.dtype),
             )
             return
+        # kernel batch: TiDAR requests keep their K+1 verify rows (causal)
+        starts, lens = qsl[:-1], qsl[1:] - qsl[:-1]
+        k_lens = np.where(is_t, n_verify, lens)
+        k_seq = np.where(is_t, seq - big_l + n_verify, seq).astype(np.int32)
+        k_qsl = np.zeros(self.num_reqs + 1, dtype=np.int32)
+        np.cumsum(k_lens, out=k_qsl[1:])
+        mask_rows = starts[t_idx, None] + np.arange(n_verify, big_l)
+        keep = np.ones(self.num_actual_tokens, dtype=bool)
+        keep[mask_rows.ravel()] = False
         self.tidar = TiDARRows(
             kernel_rows=torch.from_numpy(np.flatnonzero(keep)),
             kernel=_kernel_batch(self.params, torch.from_numpy(k_qsl), torch.from_numpy(k_seq), self.block_table),
             mask_rows=torch.from_numpy(mask_rows),
-            pages=self.block_table[t_idx, :nblk].long(),
-            bias=step_mask.mask_rows_bias(torch.from_numpy(prefix), nblk * bs, self.params.dtype),
+            pages=self.block_table[torch.from_numpy(t_idx), :nblk].long(),
+            bias=step_mask.mask_rows_bias(prefix, width, self.params.dtype),
         )
 
 
