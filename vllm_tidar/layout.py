@@ -214,17 +214,12 @@ class StepMask:
         rel = torch.arange(width, device=self._full.device)[None, :] - p
         return torch.where(rel < 0, 0, torch.where(rel < big_l, rel + 1, big_l + 1))
 
-    def mask_rows(self, num_committed: torch.Tensor, width: int) -> torch.Tensor:
-        """Mask rows of a batch of steps over keys in cache order, ``[committed | step rows |
-        rest]`` padded to ``width``: (T, M, width) bool. For step ``t`` key ``j`` is visible iff
-        ``j < num_committed[t]``, or it is step row ``j - num_committed[t]`` and the template
-        (precomputed, only indexed here) lets the mask row see it."""
-        cols = self._key_columns(num_committed, width)
-        return self._table[self.layout.num_verify:, cols].permute(1, 0, 2)
-
     def mask_rows_bias(self, num_committed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """``mask_rows`` as an additive attention bias (0 visible, -inf hidden), (T, 1, M,
-        width): one gather from a table built once per dtype."""
+        """Additive attention bias (0 visible, -inf hidden) of the mask rows of a batch of steps
+        over keys in cache order, ``[committed | step rows | rest]`` padded to ``width``: (T, 1,
+        M, width). For step ``t`` key ``j`` is visible iff ``j < num_committed[t]``, or it is
+        step row ``j - num_committed[t]`` and the template lets the mask row see it. One gather
+        from a table built once per dtype (the template is only indexed here)."""
         return self._bias(num_committed, width, dtype, self.layout.num_verify)
 
     def step_rows_bias(self, num_committed: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
