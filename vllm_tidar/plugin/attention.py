@@ -304,25 +304,26 @@ class TiDARCPUImpl(AttentionImpl):
             return output
         if rows.kernel is None:  # only TiDAR steps: all rows of each request in one SDPA
             t, big_l = rows.pages.shape[0], rows.bias.shape[2]
-            k, v = read_pages(key_cache, value_cache, rows.pages)
-            q = query[:n].view(t, big_l, *query.shape[1:]).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), attn_mask=rows.bias.to(q.dtype), scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
-            output[:n].view(t, big_l, *output.shape[1:]).copy_(o.transpose(1, 2))
+            o = self._template_attention(query[:n].view(t, big_l, *query.shape[1:]), key_cache, value_cache, rows)
+            output[:n].view(t, big_l, *output.shape[1:]).copy_(o)
             return output
         # causal rows (other requests, and the verify rows of TiDAR requests): one kernel call
         q = query.index_select(0, rows.kernel_rows)
         out = torch.empty_like(q)
         self._kernel(layer, q, key_cache, value_cache, out, rows.kernel)
         output.index_copy_(0, rows.kernel_rows, out.to(output.dtype))
-        # mask rows of every TiDAR request: one SDPA over its pages (prefix, then this step's rows)
+        # mask rows of every TiDAR request
+        output[rows.mask_rows] = self._template_attention(query[rows.mask_rows], key_cache, value_cache, rows
+                                                          ).to(output.dtype)
+        return output
+
+    def _template_attention(self, q: torch.Tensor, key_cache, value_cache, rows: TiDARRows) -> torch.Tensor:
+        """Rows ``q`` (T, rows, Hq, D) of the TiDAR requests: one SDPA over each request's pages
+        (prefix, then this step's rows) with ``rows.bias``; returns (T, rows, Hq, D)."""
         k, v = read_pages(key_cache, value_cache, rows.pages)  # (T, Hkv, nblk * bs, D)
-        qm = query[rows.mask_rows].transpose(1, 2)  # (T, Hq, M, D)
+        q = q.transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            qm, k.to(qm.dtype), v.to(qm.dtype), attn_mask=rows.bias.to(qm.dtype), scale=self.scale,
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=rows.bias.to(q.dtype), scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        output[rows.mask_rows] = o.transpose(1, 2).to(output.dtype)
-        return output
+        return o.transpose(1, 2)
