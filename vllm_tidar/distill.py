@@ -172,7 +172,7 @@ def read_samples(path: str | Path, vocab_size: int | None = None, min_distinct_4
         seq = ids[0] + ids[1]
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in seq):
             raise TidarError(f"{path}:{n} has token ids outside the vocabulary of {vocab_size} (another tokenizer?)")
-        if distinct_4(ids[1]) < min_distinct_4:
+        if min_distinct_4 and distinct_4(ids[1]) < min_distinct_4:
             looped += 1
             continue
         samples.append(seq)
