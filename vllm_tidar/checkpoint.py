@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .draft_adapter import AdapterSpec, DraftAdapter, attach_hf, draft_adapter
 from .errors import TidarError
 from .layout import _check_block_len
 
@@ -38,6 +39,7 @@ class TidarSettings:
     mask_token_id: int
     beta: float = 1.0  # weight of the AR logits in the bonus position ("trust AR" = 1)
     block_lengths: tuple[int, ...] = ()  # every block length it was trained with (block_length among them)
+    draft_adapter: AdapterSpec | None = None  # low-rank weights of the mask rows only (``draft_adapter``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_lengths", tuple(sorted({self.block_length, *self.block_lengths}, reverse=True)))
@@ -63,7 +65,11 @@ class TidarSettings:
             trained = tuple(int(b) for b in raw.get("block_lengths", ()))
         except (TypeError, ValueError):
             raise TidarError(f"{source}: config.json 'tidar' block_lengths must be a list of integers") from None
-        settings = cls(int(raw["block_length"]), int(raw["mask_token_id"]), float(raw.get("beta", 1.0)), trained)
+        adapter = raw.get("draft_adapter")
+        if adapter is not None:
+            adapter = AdapterSpec.from_dict(adapter, source)
+        settings = cls(int(raw["block_length"]), int(raw["mask_token_id"]), float(raw.get("beta", 1.0)), trained,
+                       adapter)
         vocab = getattr(config, "vocab_size", None)
         if vocab is not None and not 0 <= settings.mask_token_id < vocab:
             raise TidarError(f"{source}: mask_token_id {settings.mask_token_id} outside vocabulary of {vocab}")
@@ -72,6 +78,10 @@ class TidarSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block_lengths"] = list(self.block_lengths)
+        if self.draft_adapter is None:
+            del d["draft_adapter"]
+        else:
+            d["draft_adapter"] = self.draft_adapter.to_dict()
         return d
 
     def served_block_lengths(self) -> tuple[int, ...]:
@@ -126,6 +136,8 @@ def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
     ).to(device)
+    if settings.draft_adapter is not None:
+        attach_hf(model, DraftAdapter.load(path, settings.draft_adapter).to(dtype), settings.mask_token_id)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer, settings
@@ -133,10 +145,16 @@ def load_tidar(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
 def save_tidar(model, tokenizer, settings: TidarSettings, out: str | Path, state_dict: dict | None = None) -> Path:
     """Save a plain HF folder with the TiDAR section and architecture in config.json
-    (``state_dict``: the weights to write instead of the model's own, e.g. gathered from FSDP shards)."""
+    (``state_dict``: the weights to write instead of the model's own, e.g. gathered from FSDP shards),
+    and the model's draft adapter, if it has one (``settings.draft_adapter``)."""
     out = Path(out)
     model_type = check_family(model.config)
     model.save_pretrained(out, state_dict=state_dict)
+    adapter = draft_adapter(model)
+    if (adapter is None) != (settings.draft_adapter is None):
+        raise TidarError("save_tidar: the settings and the model disagree on a draft adapter")
+    if adapter is not None:
+        adapter.save(out)
     tokenizer.save_pretrained(out)
     # written after save_pretrained, which resets "architectures" to the HF class
     cfg_file = out / "config.json"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import DEMO_CHECKPOINT
+from .draft_adapter import TARGETS
 from .errors import TidarError
 
 
@@ -16,6 +17,10 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def cmd_demo(args) -> None:
@@ -44,7 +49,8 @@ def cmd_train(args) -> int:
         resume=args.resume, activation_checkpointing=args.activation_checkpointing,
         distill_data=args.distill_data, distill_ratio=args.distill_ratio, real_diff_weight=args.real_diff_weight,
         distill_ar_weight=args.distill_ar_weight, kl_weight=args.kl_weight, distill_kl_weight=args.distill_kl_weight,
-        distill_min_distinct_4=args.distill_min_distinct_4,
+        distill_min_distinct_4=args.distill_min_distinct_4, draft_adapter_rank=args.draft_adapter_rank,
+        draft_adapter_targets=tuple(args.draft_adapter_targets),
     )
     if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
         from .distributed import check_launch
@@ -249,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-min-distinct-4", type=float, default=0.0,
                    help="train only on distilled samples whose continuation has at least this share of distinct "
                         "4-grams (drops the base's loops; default 0: all)")
+    t.add_argument("--draft-adapter-rank", type=int, default=0,
+                   help="freeze the base and train a draft adapter of this rank: low-rank weights only the [MASK] "
+                        "rows run through, so the AR model and its output stay the base's exactly (default 0: off)")
+    t.add_argument("--draft-adapter-targets", type=_names, default=list(TARGETS),
+                   help=f"comma-separated projections the draft adapter adapts (default {','.join(TARGETS)})")
     t.set_defaults(fn=cmd_train)
 
     b = sub.add_parser("build-demo", help="rebuild the demo checkpoint from scratch on CPU")

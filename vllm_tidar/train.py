@@ -12,6 +12,11 @@ rows; real rows weigh 1 in L_AR and ``real_diff_weight`` in L_Diff, distilled ro
 the mask blocks learn to predict what the AR head says. With ``kl_weight`` the AR head is also
 held to the frozen base's distribution: on real rows (row weight 1) and, with
 ``distill_kl_weight``, on distilled rows (the base's own continuations, where loops show).
+
+With ``draft_adapter_rank`` the base is frozen and only a draft adapter (``draft_adapter``:
+low-rank weights that the [MASK] rows alone run through) is trained: the AR model, its outputs
+and its loss stay the base's exactly, and the diffusion loss teaches the mask blocks to draft.
+A base that already has an adapter continues training it.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import TidarSettings, check_family, ensure_mask_token, save_tidar
+from .checkpoint import TidarSettings, check_family, ensure_mask_token, read_config, read_settings, save_tidar
 from .data import pack, pack_ids, read_texts
 from .distill import read_samples
+from .draft_adapter import TARGETS, AdapterSpec, DraftAdapter, attach_hf
 from .distributed import DistEnv, checkpoint_activations, full_state_dict, init_from_env, load_sharded, save_sharded, shard
 from .errors import TidarError
 from .layout import TrainingLayout
@@ -68,6 +74,8 @@ class TrainConfig:
     distill_kl_weight: float = 0.0  # L_KL row weight of distilled rows (real rows: 1)
     distill_min_distinct_4: float = 0.0  # drop distilled samples whose continuation loops (distinct 4-grams below this)
     kl_weight: float = 0.0  # weight of KL(frozen base || model) of the AR head on real rows
+    draft_adapter_rank: int = 0  # > 0: freeze the base, train a draft adapter of this rank (mask rows only)
+    draft_adapter_targets: tuple[str, ...] = TARGETS  # the projections it adapts
 
     def distill_rows(self) -> int:
         """Distilled rows per micro-batch (0 without distill_data)."""
@@ -95,6 +103,12 @@ class TrainConfig:
             raise TidarError(f"distill ratio {self.distill_ratio} gives no distilled row in a batch of {self.batch_size}")
         if self.kl_weight and world > 1:
             raise TidarError("--kl-weight runs in one process only (the frozen base is not sharded)")
+        if self.draft_adapter_rank:
+            AdapterSpec(self.draft_adapter_rank, tuple(self.draft_adapter_targets))  # one-line errors
+            if self.kl_weight:
+                raise TidarError("--kl-weight has nothing to anchor with --draft-adapter-rank: the base is frozen")
+            if world > 1:
+                raise TidarError("--draft-adapter-rank runs in one process only")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -139,6 +153,7 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     texts = read_texts(cfg.data)
     model, tokenizer, mask_id = _load(cfg, env.device)
+    adapter = _draft_adapter(cfg, model, mask_id)
     distilled = None
     if cfg.distill_data:
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -147,7 +162,8 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     mix = MixedBatches(pack(texts, tokenizer, cfg.seq_len), distilled, cfg)
     base = _frozen_base(cfg, env.device) if cfg.kl_weight else None
     layouts = [TrainingLayout(cfg.seq_len, bl) for bl in cfg.block_lengths]
-    settings = TidarSettings(cfg.block_lengths[0], mask_id, block_lengths=tuple(cfg.block_lengths))
+    settings = TidarSettings(cfg.block_lengths[0], mask_id, block_lengths=tuple(cfg.block_lengths),
+                             draft_adapter=adapter.spec if adapter is not None else None)
     on_cuda = torch.device(env.device).type == "cuda"
     fsdp_bf16 = env.world > 1 and on_cuda and cfg.dtype == "bf16"  # FSDP2 mixed precision instead of autocast
     if cfg.activation_checkpointing:
@@ -155,7 +171,8 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     if env.world > 1:
         shard(model, env, bf16=fsdp_bf16)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    params = list((adapter or model).parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start = 0
     out = Path(cfg.out)
     if cfg.resume:
@@ -203,7 +220,7 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
                     logs[f"l_ar_{name}"] += s_ar.item()
                     logs[f"l_diff_{name}"] += s_diff.item()
             seen += batch.numel() * 2 * env.world
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if not cfg.kl_weight:
             del logs["l_kl"]
@@ -219,6 +236,24 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
             _save(model, tokenizer, settings, opt, step + 1, cfg, out, env)
     model.eval()
     return out
+
+
+def _draft_adapter(cfg: TrainConfig, model, mask_id: int) -> DraftAdapter | None:
+    """With ``draft_adapter_rank``: freeze ``model`` and attach the adapter to train (the one the
+    loaded checkpoint has, when it has one of that rank and those targets, else a fresh one)."""
+    if not cfg.draft_adapter_rank:
+        return None
+    spec = AdapterSpec(cfg.draft_adapter_rank, tuple(cfg.draft_adapter_targets))
+    src = Path(cfg.out if cfg.resume else cfg.base)
+    have = read_settings(src).draft_adapter if "tidar" in read_config(src) else None
+    if have is not None and have != spec:
+        raise TidarError(f"{src} has a draft adapter of rank {have.rank} on {list(have.targets)}; "
+                         f"--draft-adapter-rank {spec.rank} on {list(spec.targets)} asks for another")
+    adapter = DraftAdapter.load(src, spec) if have is not None else DraftAdapter.fresh(model, spec, cfg.seed)
+    model.requires_grad_(False)
+    attach_hf(model, adapter, mask_id)
+    adapter.requires_grad_(True)
+    return adapter
 
 
 def _frozen_base(cfg: TrainConfig, device: str):

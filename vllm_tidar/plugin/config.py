@@ -119,6 +119,13 @@ class TiDARConfigHook:
             return
         settings = TidarSettings.from_hf_config(vllm_config.model_config.hf_config, source=vllm_config.model_config.model)
         layout = DecodeLayout.from_num_speculative_tokens(spec.num_speculative_tokens, settings.block_length)
+        if settings.draft_adapter is not None:
+            if vllm_config.parallel_config.tensor_parallel_size != 1:
+                raise TidarError("a checkpoint with a draft adapter runs with tensor_parallel_size=1 only")
+            if not vllm_config.model_config.enforce_eager:
+                # its hooks read the step's mask rows, which a traced graph would bake in
+                logger.info("TiDAR: the checkpoint's draft adapter runs eager: enforce_eager on")
+                vllm_config.model_config.enforce_eager = True
         sched = vllm_config.scheduler_config
         big_l = layout.num_tokens
         budget = sched.max_num_batched_tokens

@@ -13,6 +13,8 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   block (``layout.block_draft_index``: ``(K+1, K_max)`` rows); the proposer, once the
   sampler has decided how many drafts ``a`` were accepted, asks for block ``a`` only
   (``tidar_next_drafts``): the lm_head runs on ``K`` rows per request, not ``(K+1)*K``;
+* with a draft adapter in the checkpoint (``vllm_tidar.draft_adapter``), runs the rows of
+  TiDAR steps whose input is MASK through it (the AR rows compute the base exactly);
 * in ``compute_logits`` sees only each request's verify rows ``x_last, d1..dm`` (``m`` real
   drafts; ``patches/tidar_verify_rows_only.py`` tells the model ``m + 1`` per request via
   ``tidar_set_sampled_rows``), optionally mixes in the bonus-mask logits with ``beta``, and
@@ -43,6 +45,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from ..checkpoint import TidarSettings
+from ..draft_adapter import DraftAdapter, VLLMDraftAdapter
 from ..errors import TidarError
 from ..layout import DecodeLayout, StepMask
 from .attention import TiDARCPUBackend
@@ -125,6 +128,11 @@ class _TiDARMixin:
         backend = _tidar_attention_backend(device)
         self._tidar_device = device
         self._tidar_tensors: dict[tuple[int, int], _StepTensors] = {}
+        self._tidar_adapter = None
+        if self.tidar_layout is not None and self.tidar_settings.draft_adapter is not None:
+            adapter = DraftAdapter.load(vllm_config.model_config.model, self.tidar_settings.draft_adapter)
+            self._tidar_adapter_dtype = vllm_config.model_config.dtype
+            self._tidar_adapter = VLLMDraftAdapter(self, adapter, device, self._tidar_adapter_dtype)
         self._tidar_max_drafts = self.tidar_layout.num_drafts if self.tidar_layout is not None else 0
         if self.tidar_layout is not None:
             self.tidar_use_layout(self.tidar_layout)
@@ -176,6 +184,9 @@ class _TiDARMixin:
         rows get the layout's RoPE positions, and the attention metadata is told."""
         self._tidar_last = None
         self._tidar_rows, self._tidar_rows_next = self._tidar_rows_next, None
+        adapter = self._tidar_adapter
+        if adapter is not None:
+            adapter.set_rows(None)
         layout = self.tidar_layout
         if layout is None or input_ids is None or not is_forward_context_available():
             return positions
@@ -204,6 +215,9 @@ class _TiDARMixin:
         positions = positions.index_add(0, rows.flatten(), shift.flatten())
         for m in mds.values():
             m.set_tidar_steps(flags, tt.step_mask)
+        if adapter is not None:  # the MASK rows of TiDAR steps (others weigh 0)
+            routed = (input_ids[rows] == self.tidar_mask_id) & flags[:, None]
+            adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype))
         self._tidar_last = TiDARStep(qsl, flags, prefilling, starts)
         return positions
 

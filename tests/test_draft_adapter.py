@@ -1,0 +1,209 @@
+"""Draft adapters: only [MASK] rows run through them (AR rows are the base bit for bit), the
+checkpoint round trip, the trainer's frozen-base mode and its errors, and parity in vLLM."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_llama
+from vllm_tidar.checkpoint import TidarSettings, load_tidar, save_tidar
+from vllm_tidar.cli import main
+from vllm_tidar.draft_adapter import FOLDER, WEIGHTS, AdapterSpec, DraftAdapter, attach_hf, draft_adapter
+from vllm_tidar.errors import TidarError
+from vllm_tidar.layout import TrainingLayout
+from vllm_tidar.reference import ReferenceDecoder
+
+from vllm_helpers import tiny_checkpoint
+
+
+def _random_adapter(model, rank=4, scale=0.5, seed=1, targets=None):
+    spec = AdapterSpec(rank, tuple(targets) if targets else AdapterSpec(rank).targets)
+    adapter = DraftAdapter.fresh(model, spec, seed=seed).to(next(model.parameters()).dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in adapter.b:
+            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * scale)
+    return adapter
+
+
+def test_only_mask_rows_change_ar_rows_are_the_base_exactly():
+    base, model = tiny_llama(), tiny_llama()
+    mask = base.config.vocab_size - 1
+    attach_hf(model, _random_adapter(model), mask)
+    lay = TrainingLayout(16, 4)
+    tokens = torch.randint(0, mask, (3, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=lay.input_ids(tokens, mask), position_ids=lay.position_ids.expand(3, -1),
+              attention_mask=lay.template[None, None].expand(3, 1, -1, -1))
+    with torch.no_grad():
+        want, got = base(**kw).logits, model(**kw).logits
+    clean_w, masks_w = lay.halves(want)
+    clean_g, masks_g = lay.halves(got)
+    assert torch.equal(clean_g, clean_w)  # bit for bit: the AR side is the base
+    assert (masks_g - masks_w).abs().amax() > 1e-2  # the mask rows run through the adapter
+
+
+def test_decoding_with_an_adapter_is_lossless_and_the_ar_output_is_the_bases():
+    base, model = tiny_llama(), tiny_llama()
+    settings = TidarSettings(block_length=4, mask_token_id=base.config.vocab_size - 1)
+    attach_hf(model, _random_adapter(model), settings.mask_token_id)
+    with_adapter, plain = ReferenceDecoder(model, settings), ReferenceDecoder(base, settings)
+    changed = 0
+    for seed in range(4):
+        prompt = torch.randint(0, 90, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ar = plain.generate(prompt, 40, mode="ar").token_ids
+        assert with_adapter.generate(prompt, 40, mode="ar").token_ids == ar
+        res = with_adapter.generate(prompt, 40, mode="tidar")
+        assert res.token_ids == ar
+        changed += res.accepted_drafts != plain.generate(prompt, 40, mode="tidar").accepted_drafts
+    assert changed  # the adapter drafts differently
+
+
+def test_checkpoint_round_trip_keeps_the_base_file_plain(tmp_path):
+    ckpt = tiny_checkpoint(block_length=4)
+    model, tok, settings = load_tidar(ckpt)
+    adapter = _random_adapter(model, rank=3, targets=("q_proj", "down_proj"))
+    attach_hf(model, adapter, settings.mask_token_id)
+    with_spec = TidarSettings(settings.block_length, settings.mask_token_id, block_lengths=settings.block_lengths,
+                              draft_adapter=adapter.spec)
+    out = save_tidar(model, tok, with_spec, tmp_path / "ck")
+    assert json.loads((out / "config.json").read_text())["tidar"]["draft_adapter"] == {
+        "rank": 3, "targets": ["q_proj", "down_proj"]}
+    assert not any("lora" in k for k in load_file(str(out / "model.safetensors")))
+    assert set(load_file(str(out / FOLDER / WEIGHTS))) == {
+        f"model.layers.{i}.{m}.lora_{ab}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+        for ab in "AB"}
+    loaded, _, s2 = load_tidar(out)
+    assert s2.draft_adapter == adapter.spec and draft_adapter(loaded) is not None
+    ids = torch.tensor([[5, 6, 7, settings.mask_token_id, settings.mask_token_id]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(TidarError, match="disagree on a draft adapter"):
+        save_tidar(model, tok, settings, tmp_path / "bad")
+    (out / FOLDER / WEIGHTS).unlink()
+    with pytest.raises(TidarError, match=f"{FOLDER}/{WEIGHTS} is missing"):
+        load_tidar(out)
+
+
+def test_adapter_spec_errors():
+    with pytest.raises(TidarError, match="rank must be a positive integer"):
+        AdapterSpec(0)
+    with pytest.raises(TidarError, match="targets must be among"):
+        AdapterSpec(4, ("qkv",))
+    with pytest.raises(TidarError, match="must be an object with a rank"):
+        TidarSettings.from_hf_config(type("C", (), {"tidar": {"block_length": 4, "mask_token_id": 1,
+                                                              "draft_adapter": 8}})())
+
+
+def _train(data, out, *extra, base=None):
+    return main(["train", "--base", str(base or tiny_checkpoint()), "--data", str(data), "--out", str(out),
+                 "--block-lengths", "4", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2",
+                 *extra])
+
+
+def test_training_an_adapter_freezes_the_base_and_resumes(data, tmp_path):
+    base = tiny_checkpoint()
+    out = tmp_path / "ad"
+    assert _train(data, out, "--steps", "2", "--draft-adapter-rank", "4") == 0
+    before = load_file(str(base / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    b2 = load_file(str(out / FOLDER / WEIGHTS))
+    assert all(v.abs().sum() > 0 for k, v in b2.items() if k.endswith("lora_B"))  # trained away from 0
+    assert _train(data, out, "--steps", "3", "--draft-adapter-rank", "4", "--resume") == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    b3 = load_file(str(out / FOLDER / WEIGHTS))
+    assert any(not torch.equal(b2[k], b3[k]) for k in b2)
+    # a further run from this checkpoint continues its adapter (same rank and targets)
+    model, _, settings = load_tidar(out)
+    assert settings.draft_adapter == AdapterSpec(4)
+
+
+def test_adapter_training_errors(data, tmp_path, capsys):
+    cases = [
+        (("--steps", "1", "--draft-adapter-rank", "-2"), "rank must be a positive integer"),
+        (("--steps", "1", "--draft-adapter-rank", "4", "--draft-adapter-targets", "w1"), "targets must be among"),
+        (("--steps", "1", "--draft-adapter-rank", "4", "--kl-weight", "1"), "nothing to anchor"),
+    ]
+    for extra, msg in cases:
+        assert main(["train", "--base", str(tiny_checkpoint()), "--data", str(data), "--out", str(tmp_path / "e"),
+                     *extra]) != 0
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    out = tmp_path / "r4"
+    assert _train(data, out, "--steps", "1", "--draft-adapter-rank", "4") == 0
+    assert _train(data, tmp_path / "r8", "--steps", "1", "--draft-adapter-rank", "8", base=out) != 0
+    assert "asks for another" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
+    """In vLLM: greedy output equals AR's, and tokens, accepted drafts per step and drafts equal
+    the reference decoder's with the adapter (fused QKV / gate-up included); compile is turned off."""
+    from vllm import SamplingParams
+
+    from vllm_helpers import MAX_MODEL_LEN, close_llm, generate, make_llm, prompt_set, runner, token_ids
+
+    model, tok, settings = load_tidar(tiny_checkpoint(block_length=4))
+    adapter = _random_adapter(model, rank=4, scale=0.3)
+    attach_hf(model, adapter, settings.mask_token_id)
+    spec = TidarSettings(settings.block_length, settings.mask_token_id, block_lengths=settings.block_lengths,
+                         draft_adapter=adapter.spec)
+    ckpt = save_tidar(model, tok, spec, tmp_path / "ck")
+    prompts = prompt_set(ckpt, 6, seed=4)
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm = make_llm(ckpt, hf_overrides={"tidar_mode": "ar"})
+    try:
+        ar = token_ids(generate(llm, prompts, greedy))
+    finally:
+        close_llm(llm)
+    llm = make_llm(ckpt, enforce_eager=False, per_request_spec_decode_metrics="detailed")
+    try:
+        assert llm.llm_engine.vllm_config.model_config.enforce_eager
+        out = generate(llm, prompts, greedy)
+        assert token_ids(out) == ar
+        drafter = runner(llm).drafter
+        proposed: list[list[int]] = []
+        orig = drafter.propose
+
+        def spy(sampled, *a, **kw):
+            res = orig(sampled, *a, **kw)
+            proposed.append(list(res[0][: drafter.max_layout.num_drafts]))
+            return res
+
+        drafter.propose = spy
+        try:
+            generate(llm, prompts[:1], greedy)
+        finally:
+            drafter.propose = orig
+    finally:
+        close_llm(llm)
+    dec = ReferenceDecoder(model, settings, draft_at_prefill=False, max_len=MAX_MODEL_LEN)
+    plain_model, _, _ = load_tidar(tiny_checkpoint(block_length=4))
+    plain = ReferenceDecoder(plain_model, settings, draft_at_prefill=False, max_len=MAX_MODEL_LEN)
+    differs = 0
+    for p, o in zip(prompts, out):
+        ref = dec.generate(p, 32, mode="tidar")
+        assert list(o.outputs[0].token_ids) == ref.token_ids
+        assert o.outputs[0].spec_decode_metrics.per_step_accepted == ref.accepted_drafts[1:]
+        differs += ref.accepted_drafts != plain.generate(p, 32, mode="tidar").accepted_drafts
+    assert differs  # the adapter is what drafts
+    # the drafts at batch 1, step by step (first: the all-MASK drafts after prefill)
+    session_drafts = []
+    from vllm_tidar import reference
+
+    orig_drafts = reference._Session._drafts_from
+
+    def ref_spy(self, logits):
+        d = orig_drafts(self, logits)
+        session_drafts.append(d.tolist())
+        return d
+
+    reference._Session._drafts_from = ref_spy
+    try:
+        dec.generate(prompts[0], 32, mode="tidar")
+    finally:
+        reference._Session._drafts_from = orig_drafts
+    assert proposed[1 : 1 + len(session_drafts)] == session_drafts

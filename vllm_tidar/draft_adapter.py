@@ -1,0 +1,220 @@
+"""Draft adapters: low-rank weights that only the [MASK] rows of a TiDAR forward run through.
+
+Every row that holds a real token (the prompt, ``x_last``, the drafts being verified, the
+clean half of a training row) computes exactly the base model; a row whose input token is
+[MASK] adds ``(x @ A) @ B`` to the output of each adapted linear layer. AR rows never attend
+to mask rows (the layout's templates), so their keys, values and logits are the base's bit
+for bit: training only the adapter (``vllm-tidar train --draft-adapter-rank R``) teaches the
+mask blocks to draft what the AR head says while the AR model, its greedy output and its
+loss stay the base's. The mask rows' KV is never kept, so KV rollback is untouched.
+
+On disk: ``draft_adapter/adapter.safetensors`` inside the checkpoint (keys
+``<HF module name>.lora_A`` (in, r) and ``.lora_B`` (r, out)), described by
+``config.json["tidar"]["draft_adapter"] = {"rank": r, "targets": [...]}``. The base weights stay
+in ``model.safetensors``: transformers and vLLM load them unchanged, and this module attaches
+the adapter to either (``attach_hf``: rows routed by their input id; ``VLLMDraftAdapter``:
+rows routed by the model's step detection, fused QKV / gate-up projections included).
+PEFT's LoRA routes per sequence, not per row, hence this small module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import TidarError
+
+FOLDER = "draft_adapter"
+WEIGHTS = "adapter.safetensors"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# vLLM fuses these HF projections into one linear layer (outputs concatenated in this order)
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Rank and target projections of a draft adapter (``config.json["tidar"]["draft_adapter"]``)."""
+
+    rank: int
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise TidarError(f"draft adapter rank must be a positive integer, got {self.rank!r}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise TidarError(f"draft adapter targets must be among {', '.join(TARGETS)}, got {list(self.targets)}")
+        object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in self.targets))
+
+    @classmethod
+    def from_dict(cls, raw, source: str = "checkpoint") -> "AdapterSpec":
+        if not isinstance(raw, dict) or "rank" not in raw:
+            raise TidarError(f"{source}: config.json 'tidar' draft_adapter must be an object with a rank")
+        return cls(raw["rank"], tuple(raw.get("targets", TARGETS)))
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "targets": list(self.targets)}
+
+
+def _targets(model, spec: AdapterSpec) -> dict[str, nn.Linear]:
+    """HF module name -> linear layer, for every adapted projection of an HF causal LM."""
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in spec.targets}
+    if not found:
+        raise TidarError(f"draft adapter: the model has none of the projections {list(spec.targets)}")
+    return found
+
+
+class DraftAdapter(nn.Module):
+    """The low-rank pairs ``A`` (in, r), ``B`` (r, out) of every adapted projection, by HF module name."""
+
+    def __init__(self, spec: AdapterSpec, shapes: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.spec = spec
+        self.names = sorted(shapes)
+        self.a = nn.ParameterList()
+        self.b = nn.ParameterList()
+        for name in self.names:
+            n_in, n_out = shapes[name]
+            # B = 0: a fresh adapter drafts exactly as the base does
+            self.a.append(nn.Parameter(torch.randn(n_in, spec.rank) / math.sqrt(n_in)))
+            self.b.append(nn.Parameter(torch.zeros(spec.rank, n_out)))
+
+    @classmethod
+    def fresh(cls, model, spec: AdapterSpec, seed: int = 0) -> "DraftAdapter":
+        """A new adapter for an HF model (``B`` = 0)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            shapes = {n: (m.in_features, m.out_features) for n, m in _targets(model, spec).items()}
+            return cls(spec, shapes)
+
+    def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (a, b) for n, a, b in zip(self.names, self.a, self.b)}
+
+    def save(self, checkpoint: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(checkpoint) / FOLDER
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, (a, b) in self.pairs().items():
+            tensors[f"{name}.lora_A"] = a.detach().float().contiguous().cpu()
+            tensors[f"{name}.lora_B"] = b.detach().float().contiguous().cpu()
+        save_file(tensors, str(out / WEIGHTS))
+        return out
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, spec: AdapterSpec) -> "DraftAdapter":
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint) / FOLDER / WEIGHTS
+        if not path.is_file():
+            raise TidarError(f"{checkpoint}: config.json names a draft adapter but {FOLDER}/{WEIGHTS} is missing")
+        tensors = load_file(str(path))
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        try:
+            shapes = {n: (tensors[f"{n}.lora_A"].shape[0], tensors[f"{n}.lora_B"].shape[1]) for n in names}
+        except KeyError as e:
+            raise TidarError(f"{path}: no tensor {e.args[0]}") from None
+        adapter = cls(spec, shapes)
+        with torch.no_grad():
+            for name, (a, b) in adapter.pairs().items():
+                a_src, b_src = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+                if a_src.shape[1] != spec.rank or b_src.shape[0] != spec.rank:
+                    raise TidarError(f"{path}: {name} has rank {a_src.shape[1]}, config.json says {spec.rank}")
+                a.copy_(a_src)
+                b.copy_(b_src)
+        return adapter
+
+
+def attach_hf(model, adapter: DraftAdapter, mask_token_id: int) -> None:
+    """Run ``adapter`` on the [MASK] rows of every forward of an HF causal LM (``input_ids`` given).
+
+    The adapter is kept on the model (``draft_adapter(model)``) but not registered as a
+    submodule: ``save_pretrained`` writes the base weights only."""
+    layers = _targets(model, adapter.spec)
+    missing = set(adapter.names) - set(layers)
+    if missing:
+        raise TidarError(f"draft adapter names projections the model lacks: {sorted(missing)[:3]}")
+    adapter.to(next(model.parameters()).device)
+    model.__dict__["_tidar_draft_adapter"] = adapter
+    route: dict[str, torch.Tensor] = {}
+
+    def set_route(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise TidarError("a model with a draft adapter needs input_ids (mask rows are found by their token)")
+        route["w"] = (ids == mask_token_id).unsqueeze(-1)
+
+    model.register_forward_pre_hook(set_route, with_kwargs=True)
+    for name, (a, b) in adapter.pairs().items():
+        def add_delta(_module, inputs, output, a=a, b=b):
+            x = inputs[0]
+            return output + ((x * route["w"].to(x.dtype)) @ a.to(x.dtype)) @ b.to(x.dtype)
+
+        layers[name].register_forward_hook(add_delta)
+
+
+def draft_adapter(model) -> DraftAdapter | None:
+    """The adapter ``attach_hf`` put on an HF model, if any."""
+    return model.__dict__.get("_tidar_draft_adapter")
+
+
+class VLLMDraftAdapter:
+    """A draft adapter on a vLLM model's linear layers (tensor parallel size 1).
+
+    ``set_rows(rows, weight)`` before a forward names its mask rows (token-row indices and a
+    0/1 weight per index, so padding indices add nothing); ``set_rows(None)`` runs the base.
+    vLLM's fused projections get one pair: ``A`` the adapted parts' ``A`` side by side,
+    ``B`` block-diagonal over the fused output (zero for parts without an adapter)."""
+
+    def __init__(self, model, adapter: DraftAdapter, device, dtype):
+        self.rows: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+        modules = dict(model.named_modules())
+        groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, pair in adapter.pairs().items():
+            parent, leaf = name.rsplit(".", 1)
+            fused = next((f for f, parts in FUSED.items() if leaf in parts and f"{parent}.{f}" in modules), leaf)
+            groups.setdefault(f"{parent}.{fused}", {})[leaf] = pair
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for target, parts in groups.items():
+            module = modules.get(target)
+            if module is None:
+                raise TidarError(f"draft adapter: the vLLM model has no layer {target}")
+            leaf = target.rsplit(".", 1)[-1]
+            if leaf in FUSED:
+                sizes, r = list(module.output_sizes), adapter.spec.rank
+                present = [part for part in FUSED[leaf] if part in parts]
+                a = torch.cat([parts[part][0].detach() for part in present], 1)
+                b = torch.zeros(len(present) * r, sum(sizes))
+                col = 0
+                for part, size in zip(FUSED[leaf], sizes):
+                    if part in parts:
+                        i = present.index(part)
+                        b[i * r : (i + 1) * r, col : col + size] = parts[part][1].detach()
+                    col += size
+            else:
+                a, b = (t.detach() for t in parts[leaf])
+            a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+            self.pairs[target] = (a, b)
+            module.register_forward_hook(self._hook(a, b))
+
+    def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
+        self.rows, self.weight = rows, weight
+
+    def _hook(self, a: torch.Tensor, b: torch.Tensor):
+        def add_delta(_module, inputs, output):
+            rows = self.rows
+            if rows is None:
+                return output
+            out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+            delta = ((inputs[0][rows] @ a) @ b) * self.weight
+            out = out.index_add(0, rows, delta)
+            return (out, *rest) if rest is not None else out
+
+        return add_delta
