@@ -148,13 +148,17 @@ def attach_hf(model, adapter: DraftAdapter, mask_token_id: int) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise TidarError("a model with a draft adapter needs input_ids (mask rows are found by their token)")
-        route["w"] = (ids == mask_token_id).unsqueeze(-1)
+        w = (ids == mask_token_id).unsqueeze(-1)
+        route["w"] = w if bool(w.any()) else None  # no mask row (AR steps, prefill): the base alone
 
     model.register_forward_pre_hook(set_route, with_kwargs=True)
     for name, (a, b) in adapter.pairs().items():
         def add_delta(_module, inputs, output, a=a, b=b):
+            w = route["w"]
+            if w is None:
+                return output
             x = inputs[0]
-            return output + ((x * route["w"].to(x.dtype)) @ a.to(x.dtype)) @ b.to(x.dtype)
+            return output + ((x * w.to(x.dtype)) @ a.to(x.dtype)) @ b.to(x.dtype)
 
         layers[name].register_forward_hook(add_delta)
 
