@@ -87,3 +87,29 @@ def test_train_eagle3_smoke(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "fc.weight" in keys and "d2t" in keys and not any(k.startswith("embed_tokens") for k in keys)
+
+
+def test_train_eagle3_on_distilled_ids(tmp_path, capsys):
+    """``--distill-data``: the head trains on the verifier's own continuations (token ids);
+    without any data source the command stops with a one-line error."""
+    pytest.importorskip("speculators")
+    from vllm_tidar.cli import main
+
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"sample": i, "prompt_ids": list(range(10 + i, 40 + i)),
+                                "completion_ids": list(range(100 + i, 160 + i))}) + "\n")
+    out = tmp_path / "head"
+    assert main(["train-eagle3", "--verifier", str(DEMO), "--distill-data", str(data), "--out", str(out),
+                 "--steps", "2", "--batch-size", "1", "--seq-len", "64", "--draft-vocab-size", "64"]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["config"]["distill_data"] == str(data)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        d2t = f.get_tensor("d2t")
+    t2d_ids = set((d2t + __import__("torch").arange(len(d2t))).tolist())
+    assert set(range(100, 163)) & t2d_ids  # the draft vocabulary comes from the distilled ids
+    assert main(["train-eagle3", "--verifier", str(DEMO), "--out", str(tmp_path / "none")]) != 0
+    assert "needs --data (text) or --distill-data" in capsys.readouterr().err

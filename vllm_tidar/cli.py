@@ -141,7 +141,7 @@ def cmd_train_eagle3(args) -> None:
     from .eagle3 import Eagle3Config, train_eagle3
 
     cfg = Eagle3Config(
-        verifier=args.verifier, data=args.data, out=args.out,
+        verifier=args.verifier, data=args.data, out=args.out, distill_data=args.distill_data,
         layer_ids=args.layer_ids, draft_vocab_size=args.draft_vocab_size, ttt_steps=args.ttt_steps,
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
         seed=args.seed, max_minutes=args.max_minutes, verifier_name=args.verifier_name,
@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head (speculators format) for a Llama verifier")
     e.add_argument("--verifier", required=True, help="verifier checkpoint folder (Llama; TiDAR checkpoints work)")
-    e.add_argument("--data", required=True, help="folder of text files or a .jsonl with a 'text' field")
+    e.add_argument("--data", default=None, help="folder of text files or a .jsonl with a 'text' field")
+    e.add_argument("--distill-data", default=None,
+                   help="a distill-data file: train on the verifier's own continuations instead of --data")
     e.add_argument("--out", required=True)
     e.add_argument("--layer-ids", type=_ints, default=None, help="aux hidden-state layers (HF indices), e.g. 1,3,5")
     e.add_argument("--draft-vocab-size", type=int, default=None, help="default: vocab/4 (most frequent tokens)")

@@ -9,7 +9,9 @@ tokens) and a CUDA/FSDP trainer; on a 2-core CPU it is cheaper to run the 6.8M-p
 verifier inline (HF forward, ``output_hidden_states``) on each batch.
 
 What one step does (the speculators recipe, defaults of ``speculators train``):
-* verifier forward on ``batch_size`` rows of ``seq_len`` corpus tokens; aux hidden states
+* verifier forward on ``batch_size`` rows of ``seq_len`` corpus tokens (or, with
+  ``distill_data``, of the verifier's own continuations from ``vllm-tidar distill-data``, the
+  data EAGLE-3 and speculators train drafters on); aux hidden states
   of layers ``layer_ids`` (HF ``hidden_states`` indices = vLLM's
   ``eagle_aux_hidden_state_layer_ids``: output of decoder layer i-1), concatenated
   (low, mid, high), and the last decoder layer's output before the final norm;
@@ -67,8 +69,9 @@ INSTALL_HINT = (
 @dataclass
 class Eagle3Config:
     verifier: str
-    data: str
+    data: str | None  # folder of text files or a .jsonl (or distill_data instead)
     out: str
+    distill_data: str | None = None  # a distill-data file: train on the verifier's own continuations (token ids)
     layer_ids: tuple[int, ...] | None = None  # default: low / mid / high of the verifier
     draft_vocab_size: int | None = None  # default: a quarter of the verifier's vocabulary
     ttt_steps: int = 3
@@ -230,7 +233,8 @@ def train_eagle3(cfg: Eagle3Config, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .data import pack, read_texts
+    from .data import pack, pack_ids, read_texts
+    from .distill import read_samples
 
     *_, resolve_loss_config = _import_speculators()
     torch.manual_seed(cfg.seed)
@@ -243,7 +247,12 @@ def train_eagle3(cfg: Eagle3Config, progress: bool = True) -> dict:
     tok = AutoTokenizer.from_pretrained(vpath, local_files_only=True)
     verifier = AutoModelForCausalLM.from_pretrained(vpath, dtype=torch.float32, local_files_only=True,
                                                     attn_implementation="sdpa").eval()
-    rows = pack(read_texts(cfg.data), tok, cfg.seq_len)
+    if cfg.distill_data:
+        rows = pack_ids(read_samples(cfg.distill_data, vconf.vocab_size), tok.eos_token_id, cfg.seq_len)
+    elif cfg.data:
+        rows = pack(read_texts(cfg.data), tok, cfg.seq_len)
+    else:
+        raise TidarError("train-eagle3 needs --data (text) or --distill-data (a distill-data file)")
     head = build_head(cfg, vconf.num_hidden_layers, vconf.vocab_size, token_frequencies(rows))
     layer_ids = head.config.eagle_aux_hidden_state_layer_ids
     feats = VerifierFeatures(verifier, layer_ids)
