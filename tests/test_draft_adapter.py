@@ -207,3 +207,30 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     finally:
         reference._Session._drafts_from = orig_drafts
     assert proposed[1 : 1 + len(session_drafts)] == session_drafts
+
+
+def test_vllm_config_hook_turns_eager_on_and_refuses_tensor_parallel(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from vllm_tidar.layout import DecodeLayout
+    from vllm_tidar.plugin import config as hook_module
+    from vllm_tidar.plugin.common import PROPOSER_PATH
+
+    monkeypatch.setattr(hook_module, "default_thread_binding", lambda _cfg: None)
+
+    def vllm_config(tp: int, adapter: bool = True):
+        tidar = {"block_length": 4, "mask_token_id": 1, **({"draft_adapter": {"rank": 4}} if adapter else {})}
+        spec = NS(method="custom_class", model=PROPOSER_PATH,
+                  num_speculative_tokens=DecodeLayout(4, 3).num_speculative_tokens)
+        return NS(parallel_config=NS(pipeline_parallel_size=1, tensor_parallel_size=tp), speculative_config=spec,
+                  model_config=NS(hf_config=NS(tidar=tidar, vocab_size=8192), model="ckpt", enforce_eager=False),
+                  scheduler_config=NS(max_num_batched_tokens=4096, max_num_seqs=4))
+
+    cfg = vllm_config(1)
+    hook_module.TiDARConfigHook.verify_and_update_config(cfg)
+    assert cfg.model_config.enforce_eager
+    plain = vllm_config(1, adapter=False)
+    hook_module.TiDARConfigHook.verify_and_update_config(plain)
+    assert not plain.model_config.enforce_eager
+    with pytest.raises(TidarError, match="tensor_parallel_size=1 only"):
+        hook_module.TiDARConfigHook.verify_and_update_config(vllm_config(2))
