@@ -12,7 +12,7 @@ setup(
     # vllm_tidar.patches and vllm_tidar.benchmarks (editable and regular installs alike)
     packages=find_packages(include=["vllm_tidar", "vllm_tidar.*"]) + ["vllm_tidar.patches", "vllm_tidar.benchmarks", "vllm_tidar.benchmarks.gpu"],
     package_dir={"vllm_tidar.patches": "patches", "vllm_tidar.benchmarks": "benchmarks"},
-    package_data={"vllm_tidar": ["checkpoints/*/*"]},
+    package_data={"vllm_tidar": ["checkpoints/*/*", "checkpoints/*/*/*"]},
     install_requires=[
         "torch==2.13.0",
         "transformers==5.19.0",
