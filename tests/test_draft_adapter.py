@@ -162,7 +162,35 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     llm = make_llm(ckpt, enforce_eager=False, per_request_spec_decode_metrics="detailed")
     try:
         assert llm.llm_engine.vllm_config.model_config.enforce_eager
-        out = generate(llm, prompts, greedy)
+        from vllm_tidar.draft_adapter import VLLMDraftAdapter
+
+        routed: list[bool] = []
+        set_rows = VLLMDraftAdapter.set_rows
+
+        def rows_spy(self, rows, weight=None, in_order=False):
+            if rows is not None:
+                routed.append(in_order)
+            return set_rows(self, rows, weight, in_order)
+
+        VLLMDraftAdapter.set_rows = rows_spy
+        try:
+            out = generate(llm, prompts, greedy)
+            # staggered arrivals: later prompts prefill in batches where earlier ones run TiDAR steps
+            engine, staggered = llm.llm_engine, {}
+            for i, prompt in enumerate(prompts):
+                engine.add_request(f"s{i}", {"prompt_token_ids": prompt}, greedy)
+                for _ in range(3):
+                    for o in engine.step():
+                        if o.finished:
+                            staggered[o.request_id] = list(o.outputs[0].token_ids)
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.finished:
+                        staggered[o.request_id] = list(o.outputs[0].token_ids)
+        finally:
+            VLLMDraftAdapter.set_rows = set_rows
+        assert [staggered[f"s{i}"] for i in range(len(prompts))] == ar
+        assert True in routed and False in routed  # steady all-TiDAR batches and mixed ones: both paths
         assert token_ids(out) == ar
         drafter = runner(llm).drafter
         proposed: list[list[int]] = []

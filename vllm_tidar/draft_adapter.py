@@ -173,12 +173,15 @@ class VLLMDraftAdapter:
 
     ``set_rows(rows, weight)`` before a forward names its mask rows (token-row indices and a
     0/1 weight per index, so padding indices add nothing); ``set_rows(None)`` runs the base.
+    ``in_order``: ``rows`` is ``0..T-1`` (every request scheduled one full step, the steady
+    state): the delta is then one ``addmm`` over all rows, without a gather.
     vLLM's fused projections get one pair: ``A`` the adapted parts' ``A`` side by side,
     ``B`` block-diagonal over the fused output (zero for parts without an adapter)."""
 
     def __init__(self, model, adapter: DraftAdapter, device, dtype):
         self.rows: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
+        self.in_order = False
         modules = dict(model.named_modules())
         groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, pair in adapter.pairs().items():
@@ -208,8 +211,8 @@ class VLLMDraftAdapter:
             self.pairs[target] = (a, b)
             module.register_forward_hook(self._hook(a, b))
 
-    def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
-        self.rows, self.weight = rows, weight
+    def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None, in_order: bool = False) -> None:
+        self.rows, self.weight, self.in_order = rows, weight, in_order
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add_delta(_module, inputs, output):
@@ -217,8 +220,11 @@ class VLLMDraftAdapter:
             if rows is None:
                 return output
             out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
-            delta = ((inputs[0][rows] @ a) @ b) * self.weight
-            out = out.index_add(0, rows, delta)
+            x = inputs[0]
+            if self.in_order:  # rows = 0..T-1: no gather
+                out = torch.addmm(out, (x @ a) * self.weight, b)
+            else:
+                out = out.index_add(0, rows, ((x[rows] @ a) * self.weight) @ b)
             return (out, *rest) if rest is not None else out
 
         return add_delta

@@ -217,7 +217,9 @@ class _TiDARMixin:
             m.set_tidar_steps(flags, tt.step_mask)
         if adapter is not None:  # the MASK rows of TiDAR steps (others weigh 0)
             routed = (input_ids[rows] == self.tidar_mask_id) & flags[:, None]
-            adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype))
+            in_order = qsl[-1] == input_ids.shape[0] and all(
+                end - start == layout.num_tokens for start, end in zip(qsl[:-1], qsl[1:]))
+            adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype), in_order)
         self._tidar_last = TiDARStep(qsl, flags, prefilling, starts)
         return positions
 
