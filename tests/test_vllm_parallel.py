@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_helpers import close_llm, demo_checkpoint, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+from vllm_helpers import (close_llm, demo_checkpoint, demo_without_adapter, generate, make_llm, prompt_set,
+                          tiny_checkpoint, token_ids)
 
 from vllm_tidar.errors import TidarError
 from vllm_tidar.plugin import cpu_threads
@@ -33,11 +34,12 @@ def _greedy_run(ckpt, prompts, **kwargs):
 
 
 @pytest.mark.slow
-def test_tp2_equals_tp1_with_the_same_drafts(monkeypatch):
-    """In-process engine core (make_llm); at TP=2 vLLM's executor still runs one worker process per rank."""
-    demo = demo_checkpoint()
-    if demo is None:
+def test_tp2_equals_tp1_with_the_same_drafts(monkeypatch, tmp_path):
+    """In-process engine core (make_llm); at TP=2 vLLM's executor still runs one worker process per rank.
+    The demo without its draft adapter (an adapter runs at TP 1 only: a one-line error, tests/test_draft_adapter.py)."""
+    if demo_checkpoint() is None:
         pytest.skip("demo checkpoint not present")
+    demo = demo_without_adapter(tmp_path / "demo")
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPU cores (one per rank)")
     monkeypatch.setenv(cpu_threads.ENV, "")  # restored after the test

@@ -62,6 +62,19 @@ def demo_checkpoint() -> Path | None:
     return DEMO if (DEMO / "config.json").is_file() else None
 
 
+def demo_without_adapter(out: Path) -> Path:
+    """A copy of the demo checkpoint without its draft adapter (its stage-1 model: same AR
+    weights, the drafts of stage 1), e.g. for tensor parallelism, which the adapter does not run with."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in DEMO.iterdir():
+        if f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["tidar"].pop("draft_adapter", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def fix_architectures(path: Path) -> None:
     """transformers 5.19's save_pretrained writes the class name into ``architectures``,
     overwriting the TiDAR architecture ``save_tidar`` set: put it back."""
