@@ -78,19 +78,21 @@ class DraftAdapter(nn.Module):
         self.names = sorted(shapes)
         self.a = nn.ParameterList()
         self.b = nn.ParameterList()
-        for name in self.names:
+        for name in self.names:  # uninitialised: ``fresh`` draws them, ``load`` reads them
             n_in, n_out = shapes[name]
-            # B = 0: a fresh adapter drafts exactly as the base does
-            self.a.append(nn.Parameter(torch.randn(n_in, spec.rank) / math.sqrt(n_in)))
-            self.b.append(nn.Parameter(torch.zeros(spec.rank, n_out)))
+            self.a.append(nn.Parameter(torch.empty(n_in, spec.rank)))
+            self.b.append(nn.Parameter(torch.empty(spec.rank, n_out)))
 
     @classmethod
     def fresh(cls, model, spec: AdapterSpec, seed: int = 0) -> "DraftAdapter":
-        """A new adapter for an HF model (``B`` = 0)."""
-        with torch.random.fork_rng():
+        """A new adapter for an HF model: ``A`` random, ``B`` = 0, so it drafts exactly as the base does."""
+        adapter = cls(spec, {n: (m.in_features, m.out_features) for n, m in _targets(model, spec).items()})
+        with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(seed)
-            shapes = {n: (m.in_features, m.out_features) for n, m in _targets(model, spec).items()}
-            return cls(spec, shapes)
+            for a, b in zip(adapter.a, adapter.b):
+                a.copy_(torch.randn(a.shape) / math.sqrt(a.shape[0]))
+                b.zero_()
+        return adapter
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {n: (a, b) for n, a, b in zip(self.names, self.a, self.b)}
