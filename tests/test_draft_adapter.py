@@ -144,7 +144,8 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     the reference decoder's with the adapter (fused QKV / gate-up included); compile is turned off."""
     from vllm import SamplingParams
 
-    from vllm_helpers import MAX_MODEL_LEN, close_llm, generate, make_llm, prompt_set, runner, token_ids
+    from vllm_helpers import (MAX_MODEL_LEN, close_llm, generate, make_llm, prompt_set, proposed_drafts,
+                              reference_drafts, token_ids)
 
     model, tok, settings = load_tidar(tiny_checkpoint(block_length=4))
     adapter = _random_adapter(model, rank=4, scale=0.3)
@@ -192,20 +193,7 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         assert [staggered[f"s{i}"] for i in range(len(prompts))] == ar
         assert True in routed and False in routed  # steady all-TiDAR batches and mixed ones: both paths
         assert token_ids(out) == ar
-        drafter = runner(llm).drafter
-        proposed: list[list[int]] = []
-        orig = drafter.propose
-
-        def spy(sampled, *a, **kw):
-            res = orig(sampled, *a, **kw)
-            proposed.append(list(res[0][: drafter.max_layout.num_drafts]))
-            return res
-
-        drafter.propose = spy
-        try:
-            generate(llm, prompts[:1], greedy)
-        finally:
-            drafter.propose = orig
+        proposed = proposed_drafts(llm, prompts[:1], greedy)
     finally:
         close_llm(llm)
     dec = ReferenceDecoder(model, settings, draft_at_prefill=False, max_len=MAX_MODEL_LEN)
@@ -219,21 +207,7 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         differs += ref.accepted_drafts != plain.generate(p, 32, mode="tidar").accepted_drafts
     assert differs  # the adapter is what drafts
     # the drafts at batch 1, step by step (first: the all-MASK drafts after prefill)
-    session_drafts = []
-    from vllm_tidar import reference
-
-    orig_drafts = reference._Session._drafts_from
-
-    def ref_spy(self, logits):
-        d = orig_drafts(self, logits)
-        session_drafts.append(d.tolist())
-        return d
-
-    reference._Session._drafts_from = ref_spy
-    try:
-        dec.generate(prompts[0], 32, mode="tidar")
-    finally:
-        reference._Session._drafts_from = orig_drafts
+    session_drafts = reference_drafts(dec, prompts[0], 32)
     assert proposed[1 : 1 + len(session_drafts)] == session_drafts
 
 

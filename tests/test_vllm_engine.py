@@ -14,6 +14,8 @@ from vllm_helpers import (
     generate,
     make_llm,
     prompt_set,
+    proposed_drafts,
+    reference_drafts,
     runner,
     runner_model,
     tiny_checkpoint,
@@ -148,32 +150,8 @@ def test_matches_reference_decoder(tidar_llm, ckpt, prompts):
 
     # drafts proposed per step at batch 1 equal the reference's drafts
     drafter = runner(tidar_llm).drafter
-    seen_vllm: list[list[int]] = []
-    orig = drafter.propose
-
-    def spy(sampled, *a, **kw):
-        res = orig(sampled, *a, **kw)
-        seen_vllm.append(list(res[0][: drafter.max_layout.num_drafts]))
-        return res
-
-    drafter.propose = spy
-    try:
-        generate(tidar_llm, [subset[0]], _greedy(REF_TOKENS))
-    finally:
-        drafter.propose = orig
-    seen_ref: list[list[int]] = []
-    orig_drafts = reference._Session._drafts_from
-
-    def ref_spy(self, logits):
-        d = orig_drafts(self, logits)
-        seen_ref.append(d.tolist())
-        return d
-
-    reference._Session._drafts_from = ref_spy
-    try:
-        dec.generate(subset[0], REF_TOKENS, mode="tidar")
-    finally:
-        reference._Session._drafts_from = orig_drafts
+    seen_vllm = proposed_drafts(tidar_llm, [subset[0]], _greedy(REF_TOKENS))
+    seen_ref = reference_drafts(dec, subset[0], REF_TOKENS)
     mask = settings.mask_token_id
     # vLLM: first entry is the all-MASK drafts after prefill; the reference starts with
     # MASK drafts too but records only model drafts; vLLM's last call may be one extra

@@ -149,3 +149,42 @@ def token_ids(outputs) -> list[list[int]]:
 
 def generate(llm, prompts, sampling):
     return llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+
+
+def proposed_drafts(llm, prompts, sampling) -> list[list[int]]:
+    """The drafts the TiDAR proposer hands vLLM at each step (its first K) while ``llm`` generates ``prompts``."""
+    drafter = runner(llm).drafter
+    seen: list[list[int]] = []
+    orig = drafter.propose
+
+    def spy(sampled, *a, **kw):
+        res = orig(sampled, *a, **kw)
+        seen.append(list(res[0][: drafter.max_layout.num_drafts]))
+        return res
+
+    drafter.propose = spy
+    try:
+        generate(llm, prompts, sampling)
+    finally:
+        drafter.propose = orig
+    return seen
+
+
+def reference_drafts(dec, prompt, max_tokens: int) -> list[list[int]]:
+    """The drafts the reference decoder ``dec`` makes at each step (model drafts only) for one prompt."""
+    from vllm_tidar import reference
+
+    seen: list[list[int]] = []
+    orig = reference._Session._drafts_from
+
+    def spy(self, logits):
+        d = orig(self, logits)
+        seen.append(d.tolist())
+        return d
+
+    reference._Session._drafts_from = spy
+    try:
+        dec.generate(prompt, max_tokens, mode="tidar")
+    finally:
+        reference._Session._drafts_from = orig
+    return seen
