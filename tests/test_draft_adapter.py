@@ -165,15 +165,19 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         assert llm.llm_engine.vllm_config.model_config.enforce_eager
         from vllm_tidar.draft_adapter import VLLMDraftAdapter
 
-        routed: list[bool] = []
-        set_rows = VLLMDraftAdapter.set_rows
+        paths: list[str] = []  # the hook path each adapted forward took
+        set_rows, set_blocks = VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks
 
-        def rows_spy(self, rows, weight=None, in_order=False):
+        def rows_spy(self, rows, weight=None):
             if rows is not None:
-                routed.append(in_order)
-            return set_rows(self, rows, weight, in_order)
+                paths.append("rows")
+            return set_rows(self, rows, weight)
 
-        VLLMDraftAdapter.set_rows = rows_spy
+        def blocks_spy(self, *blocks):
+            paths.append("blocks")
+            return set_blocks(self, *blocks)
+
+        VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks = rows_spy, blocks_spy
         try:
             out = generate(llm, prompts, greedy)
             # staggered arrivals: later prompts prefill in batches where earlier ones run TiDAR steps
@@ -189,9 +193,9 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
                     if o.finished:
                         staggered[o.request_id] = list(o.outputs[0].token_ids)
         finally:
-            VLLMDraftAdapter.set_rows = set_rows
+            VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks = set_rows, set_blocks
         assert [staggered[f"s{i}"] for i in range(len(prompts))] == ar
-        assert True in routed and False in routed  # steady all-TiDAR batches and mixed ones: both paths
+        assert {"rows", "blocks"} <= set(paths)  # steady all-TiDAR batches and mixed ones: both paths
         assert token_ids(out) == ar
         proposed = proposed_drafts(llm, prompts[:1], greedy)
     finally:

@@ -173,17 +173,18 @@ def draft_adapter(model) -> DraftAdapter | None:
 class VLLMDraftAdapter:
     """A draft adapter on a vLLM model's linear layers (tensor parallel size 1).
 
-    ``set_rows(rows, weight)`` before a forward names its mask rows (token-row indices and a
-    0/1 weight per index, so padding indices add nothing); ``set_rows(None)`` runs the base.
-    ``in_order``: ``rows`` is ``0..T-1`` (every request scheduled one full step, the steady
-    state): the delta is then one ``addmm`` over all rows, without a gather.
+    Before a forward the model names the rows to adapt: ``set_blocks(R, L, first)`` when the
+    batch is ``R`` full TiDAR steps of ``L`` rows each, adapted from row ``first`` on (the
+    steady state: an in-place ``addmm`` on a slice, no gather and no row weights);
+    ``set_rows(rows, weight)`` for a mixed batch (token-row indices and a 0/1 weight per
+    index, so padding indices add nothing); ``set_rows(None)`` runs the base.
     vLLM's fused projections get one pair: ``A`` the adapted parts' ``A`` side by side,
     ``B`` block-diagonal over the fused output (zero for parts without an adapter)."""
 
     def __init__(self, model, adapter: DraftAdapter, device, dtype):
         self.rows: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
-        self.in_order = False
+        self.blocks: tuple[int, int, int] | None = None
         modules = dict(model.named_modules())
         groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, pair in adapter.pairs().items():
@@ -213,20 +214,27 @@ class VLLMDraftAdapter:
             self.pairs[target] = (a, b)
             module.register_forward_hook(self._hook(a, b))
 
-    def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None, in_order: bool = False) -> None:
-        self.rows, self.weight, self.in_order = rows, weight, in_order
+    def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
+        self.rows, self.weight, self.blocks = rows, weight, None
+
+    def set_blocks(self, num_blocks: int, block_rows: int, first: int) -> None:
+        self.rows, self.weight, self.blocks = None, None, (num_blocks, block_rows, first)
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add_delta(_module, inputs, output):
-            rows = self.rows
-            if rows is None:
+            blocks, rows = self.blocks, self.rows
+            if blocks is None and rows is None:
                 return output
-            out, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+            out = output[0] if isinstance(output, tuple) else output
             x = inputs[0]
-            if self.in_order:  # rows = 0..T-1: no gather
-                out = torch.addmm(out, (x @ a) * self.weight, b)
-            else:
-                out = out.index_add(0, rows, ((x[rows] @ a) * self.weight) @ b)
-            return (out, *rest) if rest is not None else out
+            if blocks is not None:  # in place on the mask slots of each block
+                n, big_l, first = blocks
+                if n == 1:
+                    out[first:].addmm_(x[first:] @ a, b)
+                else:
+                    out.view(n, big_l, -1)[:, first:] += (x.view(n, big_l, -1)[:, first:] @ a) @ b
+                return output
+            out = out.index_add(0, rows, ((x[rows] @ a) * self.weight) @ b)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
 
         return add_delta

@@ -95,6 +95,7 @@ class _StepTensors:
     position_shift: torch.Tensor  # layout RoPE offset of each row minus its row index
     bonus_rows: torch.Tensor  # beta mixing: mask row predicting the same position as verify row i
     draft_index: torch.Tensor  # (K+1, K_max): draft rows of each block, as many as the proposer may take
+    mask_slots: torch.Tensor  # bool (L,): the layout's mask slots (what a draft adapter runs on)
 
     @classmethod
     def build(cls, layout: DecodeLayout, device, max_drafts: int) -> "_StepTensors":
@@ -108,6 +109,7 @@ class _StepTensors:
             position_shift=(layout.position_offsets - rows).to(device),
             bonus_rows=bonus.to(device),
             draft_index=draft_index.to(device),
+            mask_slots=layout.is_mask.to(device),
         )
 
 
@@ -215,11 +217,14 @@ class _TiDARMixin:
         positions = positions.index_add(0, rows.flatten(), shift.flatten())
         for m in mds.values():
             m.set_tidar_steps(flags, tt.step_mask)
-        if adapter is not None:  # the MASK rows of TiDAR steps (others weigh 0)
-            routed = (input_ids[rows] == self.tidar_mask_id) & flags[:, None]
-            in_order = qsl[-1] == input_ids.shape[0] and all(
+        if adapter is not None:  # the mask slots of TiDAR steps
+            uniform = qsl[-1] == input_ids.shape[0] and all(
                 end - start == layout.num_tokens for start, end in zip(qsl[:-1], qsl[1:]))
-            adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype), in_order)
+            if uniform and bool(flags.all()):  # steady state: R blocks of L rows, slots from num_verify on
+                adapter.set_blocks(len(qsl) - 1, layout.num_tokens, layout.num_verify)
+            else:
+                routed = flags[:, None] & tt.mask_slots
+                adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype))
         self._tidar_last = TiDARStep(qsl, flags, prefilling, starts)
         return positions
 
