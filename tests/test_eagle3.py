@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vllm_helpers import DEMO, close_llm, make_llm, token_ids
 from vllm_tidar.eagle3 import default_layer_ids
@@ -62,8 +63,8 @@ def test_vllm_eagle3_greedy_parity_and_acceptance():
 
 
 def test_train_eagle3_smoke(tmp_path):
-    """Two tiny steps of ``vllm-tidar train-eagle3`` write a speculators-format head
-    (skipped without the optional speculators library, extras "eagle3")."""
+    """Two tiny steps of ``vllm-tidar train-eagle3`` write a speculators-format head, and
+    ``--init`` continues one (skipped without the optional speculators library, extras "eagle3")."""
     pytest.importorskip("speculators")
     import textwrap
 
@@ -87,6 +88,16 @@ def test_train_eagle3_smoke(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "fc.weight" in keys and "d2t" in keys and not any(k.startswith("embed_tokens") for k in keys)
+    # --init continues a saved head: at lr 0 one more step leaves every saved tensor as it was
+    again = tmp_path / "again"
+    assert main(["train-eagle3", "--verifier", str(DEMO), "--data", str(data), "--out", str(again), "--init", str(out),
+                 "--steps", "1", "--batch-size", "1", "--seq-len", "64", "--lr", "0"]) == 0
+    from safetensors.torch import load_file
+
+    before, after = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert main(["train-eagle3", "--verifier", str(DEMO), "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--init", str(data), "--steps", "1"]) != 0
 
 
 def test_train_eagle3_on_distilled_ids(tmp_path, capsys):

@@ -144,7 +144,7 @@ def cmd_train_eagle3(args) -> None:
         verifier=args.verifier, data=args.data, out=args.out, distill_data=args.distill_data,
         layer_ids=args.layer_ids, draft_vocab_size=args.draft_vocab_size, ttt_steps=args.ttt_steps,
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-        seed=args.seed, max_minutes=args.max_minutes, verifier_name=args.verifier_name,
+        seed=args.seed, max_minutes=args.max_minutes, verifier_name=args.verifier_name, init=args.init,
     )
     s = train_eagle3(cfg)
     f = s["final"] or {}
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; saves what it has when spent")
     e.add_argument("--verifier-name", default=None,
                    help="name_or_path recorded for the verifier in config.json (default: --verifier)")
+    e.add_argument("--init", default=None, help="continue training this head (saved by train-eagle3, same verifier)")
     e.set_defaults(fn=cmd_train_eagle3)
     for name, text in BENCHMARK_COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; dispatched in main()

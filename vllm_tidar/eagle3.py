@@ -86,6 +86,7 @@ class Eagle3Config:
     max_minutes: float | None = None  # stop early (and save) when the wall-clock budget is spent
     log_every: int = 10
     verifier_name: str | None = None  # recorded as speculators_config.verifier.name_or_path
+    init: str | None = None  # a head saved by train-eagle3 to continue (same verifier and shape)
     extra: dict = field(default_factory=dict)
 
 
@@ -139,6 +140,21 @@ def build_head(cfg: Eagle3Config, num_layers: int, vocab_size: int, freq: dict[i
         draft_attn_impl="sdpa",
     )
     return model
+
+
+def load_head_weights(head, folder: Path) -> None:
+    """Start ``head`` from a saved head's weights (its draft vocabulary included); the frozen
+    embedding, which saved heads leave out, stays the verifier's."""
+    from safetensors.torch import load_file
+
+    f = folder / "model.safetensors"
+    if not f.is_file():
+        raise TidarError(f"--init {folder}: no model.safetensors (expected a head saved by train-eagle3)")
+    state, own = load_file(f), head.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise TidarError(f"--init {folder}: not a head of this verifier and shape ({bad[0]})")
+    head.load_state_dict(state, strict=False)
 
 
 class VerifierFeatures:
@@ -254,6 +270,8 @@ def train_eagle3(cfg: Eagle3Config, progress: bool = True) -> dict:
     else:
         raise TidarError("train-eagle3 needs --data (text) or --distill-data (a distill-data file)")
     head = build_head(cfg, vconf.num_hidden_layers, vconf.vocab_size, token_frequencies(rows))
+    if cfg.init:
+        load_head_weights(head, Path(cfg.init))
     layer_ids = head.config.eagle_aux_hidden_state_layer_ids
     feats = VerifierFeatures(verifier, layer_ids)
     loss_config = resolve_loss_config("kl_div", "eager")
