@@ -119,6 +119,30 @@ def test_policy_drafts_first_then_probes_while_off():
     assert {picks[i].block_len for i in probes} == {8, 4}  # taking turns
 
 
+def test_policy_measures_plain_steps_before_trusting_and_while_drafting():
+    """A plain cost fitted from one slow plain step (say, the first after start) would keep
+    drafting on where it loses: the policy first takes plain steps until the fit has
+    ``trust_after`` of them, and while it drafts one step in ``1 / probe_overhead`` is plain."""
+    costs = StepCosts()
+    for _ in range(50):
+        costs.observe(True, 20, 12e-3)
+    costs.observe(False, 1, 11e-3)  # one slow plain step: fit says a plain step costs ~11 ms
+    acc = {4: Acceptance(3, prior=0.7)}
+    acc[4].num_observed = 1000
+    p = DraftPolicy(_layouts(4), costs=costs, acceptance=acc)
+    assert p.best(4)[0] is not None  # on that fit, drafting looks better at batch 4
+    picks = []
+    for _ in range(costs.trust_after - 1):  # the proposer feeds back each measured step
+        picks.append(p.choose(4))
+        costs.observe(False, 4, 5e-3)
+    assert picks == [None] * (costs.trust_after - 1)
+    assert p.choose(4) is None  # real plain steps (5 ms for 4 tokens): drafting loses
+    # where drafting wins (batch 1), about 2% of the steps stay plain
+    picks = [p.choose(1) for _ in range(1000)]
+    plain = sum(x is None for x in picks)
+    assert all(x == DecodeLayout(4, 3) for x in picks if x is not None) and 10 <= plain <= 30
+
+
 def test_fixed_schedule_overrides_the_policy():
     seven, three = DecodeLayout(8, 7), DecodeLayout(8, 3)
     p = DraftPolicy(_layouts(8), schedule=[None, seven, three, three, None])

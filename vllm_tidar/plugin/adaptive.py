@@ -14,8 +14,11 @@ size, from step costs and draft acceptance measured while serving.
   else None (a plain AR step). The candidates are every K of the served block length and of
   the smaller block lengths the checkpoint was trained with (acceptance is kept per block
   length). Until ``warmup`` draft outcomes are seen for a block length it drafts with its
-  largest K (the measurement needs drafting steps); while drafting is off it probes every
-  so often (two TiDAR steps, spaced so probes cost at most ``probe_overhead`` of the time).
+  largest K (the measurement needs drafting steps), then takes plain steps until the cost
+  fit has ``trust_after`` of them; while drafting is off it probes every so often (two
+  TiDAR steps, spaced so probes cost at most ``probe_overhead`` of the time), and while it
+  drafts, one step in ``1 / probe_overhead`` is plain: a plain cost measured on a few odd
+  steps (one slow step right after start) must not keep drafting on where it loses.
   A fixed schedule (``num_speculative_tokens_per_batch_size``) or ``VLLM_TIDAR_ADAPTIVE=0``
   overrides all of this.
 """
@@ -59,6 +62,10 @@ class StepCosts:
     def num_observed(self) -> int:
         """Steps taken into the fit."""
         return sum(self._kind_seen.values())
+
+    def seen(self, tidar: bool) -> int:
+        """Steps of one kind taken into the fit."""
+        return self._kind_seen[tidar]
 
     @staticmethod
     def _features(tidar: bool, tokens: int) -> tuple[float, float, float]:
@@ -158,6 +165,7 @@ class DraftPolicy:
         self.acceptance = acceptance or {bl: Acceptance(w.num_drafts) for bl, w in self.widest.items()}
         self.margin, self.warmup, self.probe_overhead = margin, warmup, probe_overhead
         self._off_steps = 0  # consecutive plain steps chosen
+        self._on_steps = 0  # drafting steps since the last plain one
         self._probe: list[DecodeLayout] = []
         self._probe_turn = 0
         self._logged: dict[int, tuple[int, int]] = {}
@@ -187,6 +195,8 @@ class DraftPolicy:
         cold = [bl for bl in self.block_lengths if self.acceptance[bl].num_observed < self.warmup]
         if cold:  # measure each block length's acceptance first
             return self.widest[min(cold, key=lambda bl: self.acceptance[bl].num_observed)]
+        if self.costs.seen(False) < self.costs.trust_after:  # and what a plain step costs
+            return None
         if self._probe:
             return self._probe.pop()
         lay, rate, plain = self.best(batch_size)
@@ -200,6 +210,10 @@ class DraftPolicy:
                 return probe
         else:
             self._off_steps = 0
+            self._on_steps += 1
+            if self._on_steps * self.probe_overhead >= 1:  # a plain step now and then keeps its cost current
+                self._on_steps = 0
+                return None
         key = (lay.block_len, lay.num_drafts) if lay is not None else (0, 0)
         if self._logged.get(batch_size) != key:
             self._logged[batch_size] = key
