@@ -202,7 +202,8 @@ class _TiDARMixin:
         if not mds:
             return positions
         qsl, prefilling = next(iter(mds.values())).tidar_batch()
-        if layout.num_tokens not in {e - s for s, e in zip(qsl[:-1], qsl[1:])}:
+        scheduled = {e - s for s, e in zip(qsl[:-1], qsl[1:])}  # tokens per request, host side
+        if layout.num_tokens not in scheduled:
             return positions  # no request scheduled L tokens (a plain step): nothing to detect
         dev = input_ids.device
         qsl_t = torch.tensor(qsl, dtype=torch.long, device=dev)
@@ -218,8 +219,7 @@ class _TiDARMixin:
         for m in mds.values():
             m.set_tidar_steps(flags, tt.step_mask)
         if adapter is not None:  # the mask slots of TiDAR steps
-            uniform = qsl[-1] == input_ids.shape[0] and all(
-                end - start == layout.num_tokens for start, end in zip(qsl[:-1], qsl[1:]))
+            uniform = qsl[-1] == input_ids.shape[0] and scheduled == {layout.num_tokens}
             if uniform and bool(flags.all()):  # steady state: R blocks of L rows, slots from num_verify on
                 adapter.set_blocks(len(qsl) - 1, layout.num_tokens, layout.num_verify)
             else:
