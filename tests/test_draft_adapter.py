@@ -139,6 +139,49 @@ def test_adapter_training_errors(data, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_steady_state_mask_rows_run_on_merged_weights_and_verify_rows_on_the_base():
+    """``VLLMDraftAdapter`` on a CPU layer packed by vLLM's GEMM dispatch: in the steady state
+    the verify rows of each block are the base GEMM's bit for bit, the mask rows equal base
+    plus the low-rank pair; outside it the layer is the base."""
+    from torch import nn
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    from vllm_tidar.draft_adapter import VLLMDraftAdapter
+
+    class Proj(nn.Module):  # what a vLLM linear layer does on the CPU
+        def __init__(self, w):
+            super().__init__()
+            self.weight = nn.Parameter(w, requires_grad=False)
+
+        def forward(self, x):
+            return self.cpu_linear(x, self.weight, None)
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g)
+    root = nn.Module()
+    root.blk = nn.Module()
+    root.blk.o_proj = Proj(w.clone())
+    adapter = DraftAdapter(AdapterSpec(4, ("o_proj",)), {"blk.o_proj": (16, 24)})
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    a, b = adapter.a[0].detach(), adapter.b[0].detach()
+    vad = VLLMDraftAdapter(root, adapter, "cpu", torch.float32)
+    vad.merge_base()  # in the model's load_weights, before vLLM packs the base
+    dispatch_cpu_unquantized_gemm(root.blk.o_proj, remove_weight=True)
+    base = root.blk.o_proj.cpu_linear
+    for n in (1, 3):
+        x = torch.randn(n * 10, 16, generator=g)
+        vad.set_blocks(n, 10, 4)
+        assert vad.split
+        out = root.blk.o_proj(x).view(n, 10, -1)
+        xv = x.view(n, 10, -1)
+        assert torch.equal(out[:, :4], base(xv[:, :4].reshape(-1, 16), None, None).view(n, 4, -1))
+        torch.testing.assert_close(out[:, 4:], (xv[:, 4:] @ w.t()) + (xv[:, 4:] @ a) @ b, rtol=1e-4, atol=1e-4)
+    vad.set_rows(None)
+    assert torch.equal(root.blk.o_proj(x), base(x, None, None))
+
+
 def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     """In vLLM: greedy output equals AR's, and tokens, accepted drafts per step and drafts equal
     the reference decoder's with the adapter (fused QKV / gate-up included); compile is turned off."""
@@ -174,8 +217,9 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
             return set_rows(self, rows, weight)
 
         def blocks_spy(self, *blocks):
-            paths.append("blocks")
-            return set_blocks(self, *blocks)
+            out = set_blocks(self, *blocks)
+            paths.append("merged" if self.split else "blocks")
+            return out
 
         VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks = rows_spy, blocks_spy
         try:
@@ -195,7 +239,8 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         finally:
             VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks = set_rows, set_blocks
         assert [staggered[f"s{i}"] for i in range(len(prompts))] == ar
-        assert {"rows", "blocks"} <= set(paths)  # steady all-TiDAR batches and mixed ones: both paths
+        # steady all-TiDAR batches (on the CPU: mask rows on merged weights) and mixed ones
+        assert {"rows", "merged"} <= set(paths) and "blocks" not in paths
         assert token_ids(out) == ar
         proposed = proposed_drafts(llm, prompts[:1], greedy)
     finally:

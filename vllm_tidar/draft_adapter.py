@@ -175,16 +175,28 @@ class VLLMDraftAdapter:
 
     Before a forward the model names the rows to adapt: ``set_blocks(R, L, first)`` when the
     batch is ``R`` full TiDAR steps of ``L`` rows each, adapted from row ``first`` on (the
-    steady state: an in-place ``addmm`` on a slice, no gather and no row weights);
-    ``set_rows(rows, weight)`` for a mixed batch (token-row indices and a 0/1 weight per
-    index, so padding indices add nothing); ``set_rows(None)`` runs the base.
+    steady state); ``set_rows(rows, weight)`` for a mixed batch (token-row indices and a 0/1
+    weight per index, so padding indices add nothing); ``set_rows(None)`` runs the base.
     vLLM's fused projections get one pair: ``A`` the adapted parts' ``A`` side by side,
-    ``B`` block-diagonal over the fused output (zero for parts without an adapter)."""
+    ``B`` block-diagonal over the fused output (zero for parts without an adapter).
+
+    Mixed batches add ``(x @ A) @ B`` to the routed rows (a forward hook). In the steady state
+    on the CPU, each adapted layer runs its mask rows through a merged weight ``W + (A B)^T``
+    (``merge_base``, made once the weights are loaded and packed by vLLM's own CPU GEMM
+    dispatch like the base's): one GEMM of the base's size per row instead of the base plus
+    the low-rank pair, which on a CPU is FLOPs the step pays for (about 40% of the base's
+    on the demo). The verify rows run the base GEMM alone. Elsewhere (CUDA, or no merged
+    weights) the steady state adds the pair in place on a slice (``addmm_``). The merged
+    copies cost one more copy of the adapted layers' weights."""
 
     def __init__(self, model, adapter: DraftAdapter, device, dtype):
         self.rows: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
         self.blocks: tuple[int, int, int] | None = None
+        self.device = torch.device(device)
+        self.modules: dict[str, nn.Module] = {}
+        self._merged: dict[str, nn.Module] = {}  # target -> holder of the packed W + (A B)^T
+        self.split = False  # steady state runs mask rows on the merged weights
         modules = dict(model.named_modules())
         groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, pair in adapter.pairs().items():
@@ -212,22 +224,74 @@ class VLLMDraftAdapter:
                 a, b = (t.detach() for t in parts[leaf])
             a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
             self.pairs[target] = (a, b)
+            self.modules[target] = module
             module.register_forward_hook(self._hook(a, b))
+
+    def merge_base(self) -> None:
+        """On the CPU, after the model's weights are loaded (vLLM's CPU GEMM dispatch then
+        packs and drops them): the merged weight ``W + (A B)^T`` of every adapted layer,
+        packed by the same dispatch. Layers whose base weight is not a plain loaded matrix
+        (quantized, meta) keep the low-rank path."""
+        if self.device.type != "cpu":
+            return
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        merged = {}
+        for target, module in self.modules.items():
+            w = getattr(module, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.is_meta or not w.is_floating_point():
+                return
+            a, b = self.pairs[target]
+            holder = nn.Module()
+            delta = (a.float() @ b.float()).t()
+            holder.weight = nn.Parameter((w.detach().float() + delta).to(w.dtype), requires_grad=False)
+            dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
+            merged[target] = holder
+        self._merged = merged
+
+    def _install_split(self) -> None:
+        """Wrap each adapted layer's CPU GEMM (``cpu_linear``, set by vLLM once weights are
+        processed) so steady-state steps run mask rows on the merged weight."""
+        if not self._merged or not all(hasattr(m, "cpu_linear") for m in self.modules.values()):
+            self._merged = {}
+            return
+        for target, module in self.modules.items():
+            module.cpu_linear = self._split_linear(module.cpu_linear, self._merged[target])
+        self.split = True
 
     def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
         self.rows, self.weight, self.blocks = rows, weight, None
 
     def set_blocks(self, num_blocks: int, block_rows: int, first: int) -> None:
+        if self._merged and not self.split:
+            self._install_split()
         self.rows, self.weight, self.blocks = None, None, (num_blocks, block_rows, first)
+
+    def _split_linear(self, base, merged: nn.Module):
+        """``cpu_linear`` of one layer: in the steady state the first ``first`` rows of every
+        block run the base GEMM, the rest the merged one; otherwise the base alone."""
+        def linear(x, weight, bias):
+            blocks = self.blocks
+            if blocks is None:
+                return base(x, weight, bias)
+            n, big_l, first = blocks
+            if n == 1:
+                return torch.cat([base(x[:first], weight, bias), merged.cpu_linear(x[first:], merged.weight, bias)])
+            xv = x.view(n, big_l, -1)
+            head = base(xv[:, :first].reshape(n * first, -1), weight, bias)
+            tail = merged.cpu_linear(xv[:, first:].reshape(n * (big_l - first), -1), merged.weight, bias)
+            return torch.cat([head.view(n, first, -1), tail.view(n, big_l - first, -1)], 1).view(n * big_l, -1)
+
+        return linear
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add_delta(_module, inputs, output):
             blocks, rows = self.blocks, self.rows
-            if blocks is None and rows is None:
+            if (blocks is None and rows is None) or (blocks is not None and self.split):
                 return output
             out = output[0] if isinstance(output, tuple) else output
             x = inputs[0]
-            if blocks is not None:  # in place on the mask slots of each block
+            if blocks is not None:  # in place on the mask slots of each block (no merged weights)
                 n, big_l, first = blocks
                 if n == 1:
                     out[first:].addmm_(x[first:] @ a, b)

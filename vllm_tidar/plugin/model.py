@@ -14,7 +14,8 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   sampler has decided how many drafts ``a`` were accepted, asks for block ``a`` only
   (``tidar_next_drafts``): the lm_head runs on ``K`` rows per request, not ``(K+1)*K``;
 * with a draft adapter in the checkpoint (``vllm_tidar.draft_adapter``), runs the rows of
-  TiDAR steps whose input is MASK through it (the AR rows compute the base exactly);
+  TiDAR steps whose input is MASK through it (the AR rows compute the base exactly; on the
+  CPU, steady-state steps run the mask rows on merged weights made in ``load_weights``);
 * in ``compute_logits`` sees only each request's verify rows ``x_last, d1..dm`` (``m`` real
   drafts; ``patches/tidar_verify_rows_only.py`` tells the model ``m + 1`` per request via
   ``tidar_set_sampled_rows``), optionally mixes in the bonus-mask logits with ``beta``, and
@@ -263,6 +264,12 @@ class _TiDARMixin:
             if self.tidar_settings.beta != 1.0:
                 self._tidar_bonus_hidden = hidden[(last.starts[:, None] + tt.bonus_rows).clamp_(max=top)]
         return hidden
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self._tidar_adapter is not None:  # base weights are in; vLLM packs them next
+            self._tidar_adapter.merge_base()
+        return loaded
 
     # --- logits --------------------------------------------------------------------------
     def compute_logits(self, hidden_states: torch.Tensor):
