@@ -138,7 +138,6 @@ def test_adapter_training_errors(data, tmp_path, capsys):
     assert "asks for another" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_steady_state_mask_rows_run_on_merged_weights_and_verify_rows_on_the_base():
     """``VLLMDraftAdapter`` on a CPU layer packed by vLLM's GEMM dispatch: in the steady state
     the verify rows of each block are the base GEMM's bit for bit, the mask rows equal base
@@ -182,6 +181,7 @@ def test_steady_state_mask_rows_run_on_merged_weights_and_verify_rows_on_the_bas
     assert torch.equal(root.blk.o_proj(x), base(x, None, None))
 
 
+@pytest.mark.slow
 def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     """In vLLM: greedy output equals AR's, and tokens, accepted drafts per step and drafts equal
     the reference decoder's with the adapter (fused QKV / gate-up included); compile is turned off."""
