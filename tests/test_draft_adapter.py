@@ -138,10 +138,11 @@ def test_adapter_training_errors(data, tmp_path, capsys):
     assert "asks for another" in capsys.readouterr().err
 
 
-def test_steady_state_mask_rows_run_on_merged_weights_and_verify_rows_on_the_base():
+def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
     """``VLLMDraftAdapter`` on a CPU layer packed by vLLM's GEMM dispatch: in the steady state
     the verify rows of each block are the base GEMM's bit for bit, the mask rows equal base
-    plus the low-rank pair; outside it the layer is the base."""
+    plus the low-rank pair; in a mixed batch (routed rows given with repeats of weight 0) the
+    same holds row by row; with no rows the layer is the base."""
     from torch import nn
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
@@ -177,6 +178,15 @@ def test_steady_state_mask_rows_run_on_merged_weights_and_verify_rows_on_the_bas
         xv = x.view(n, 10, -1)
         assert torch.equal(out[:, :4], base(xv[:, :4].reshape(-1, 16), None, None).view(n, 4, -1))
         torch.testing.assert_close(out[:, 4:], (xv[:, 4:] @ w.t()) + (xv[:, 4:] @ a) @ b, rtol=1e-4, atol=1e-4)
+    x = torch.randn(12, 16, generator=g)  # a prefill of 5 rows, then one step's 7 rows (5 routed)
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11, 11, 11, 11, 11])
+    weight = torch.tensor([0.0] * 7 + [1.0] * 5 + [0.0] * 6)[:, None]  # 11 again with weight 0
+    vad.set_rows(rows, weight)
+    out, routed = root.blk.o_proj(x), torch.arange(12) >= 7
+    assert torch.equal(out[~routed], base(x[~routed], None, None))
+    torch.testing.assert_close(out[routed], x[routed] @ w.t() + (x[routed] @ a) @ b, rtol=1e-4, atol=1e-4)
+    vad.set_rows(rows, torch.zeros_like(weight))
+    assert torch.equal(root.blk.o_proj(x), base(x, None, None))
     vad.set_rows(None)
     assert torch.equal(root.blk.o_proj(x), base(x, None, None))
 
@@ -212,9 +222,10 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         set_rows, set_blocks = VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks
 
         def rows_spy(self, rows, weight=None):
+            out = set_rows(self, rows, weight)
             if rows is not None:
-                paths.append("rows")
-            return set_rows(self, rows, weight)
+                paths.append("merged rows" if self.split else "rows")
+            return out
 
         def blocks_spy(self, *blocks):
             out = set_blocks(self, *blocks)
@@ -239,8 +250,8 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         finally:
             VLLMDraftAdapter.set_rows, VLLMDraftAdapter.set_blocks = set_rows, set_blocks
         assert [staggered[f"s{i}"] for i in range(len(prompts))] == ar
-        # steady all-TiDAR batches (on the CPU: mask rows on merged weights) and mixed ones
-        assert {"rows", "merged"} <= set(paths) and "blocks" not in paths
+        # steady all-TiDAR batches and mixed ones, both with mask rows on merged weights (CPU)
+        assert set(paths) == {"merged rows", "merged"}
         assert token_ids(out) == ar
         proposed = proposed_drafts(llm, prompts[:1], greedy)
     finally:
@@ -285,3 +296,19 @@ def test_vllm_config_hook_turns_eager_on_and_refuses_tensor_parallel(monkeypatch
     assert not plain.model_config.enforce_eager
     with pytest.raises(TidarError, match="tensor_parallel_size=1 only"):
         hook_module.TiDARConfigHook.verify_and_update_config(vllm_config(2))
+
+
+def test_bundled_demo_carries_the_adapter_its_recipe_trains():
+    """The bundled checkpoint's adapter has the rank ``build-demo`` trains, its tensors agree,
+    and the held-out evaluation source that ``build-demo`` keeps out of distillation exists."""
+    from pathlib import Path
+
+    from vllm_tidar.checkpoint import DEMO_CHECKPOINT
+    from vllm_tidar.demo_base import DEMO_DISTILL_RECIPE, held_out_source
+
+    cfg = json.loads((DEMO_CHECKPOINT / "config.json").read_text())["tidar"]["draft_adapter"]
+    spec = AdapterSpec.from_dict(cfg)
+    assert spec.rank == DEMO_DISTILL_RECIPE["draft_adapter_rank"]
+    adapter = DraftAdapter.load(DEMO_CHECKPOINT, spec)  # raises on a rank mismatch
+    assert len(adapter.names) == 6 * len(spec.targets)
+    assert any(Path(held_out_source()).rglob("*.py"))

@@ -180,14 +180,17 @@ class VLLMDraftAdapter:
     vLLM's fused projections get one pair: ``A`` the adapted parts' ``A`` side by side,
     ``B`` block-diagonal over the fused output (zero for parts without an adapter).
 
-    Mixed batches add ``(x @ A) @ B`` to the routed rows (a forward hook). In the steady state
-    on the CPU, each adapted layer runs its mask rows through a merged weight ``W + (A B)^T``
+    On the CPU each adapted layer runs its mask rows through a merged weight ``W + (A B)^T``
     (``merge_base``, made once the weights are loaded and packed by vLLM's own CPU GEMM
     dispatch like the base's): one GEMM of the base's size per row instead of the base plus
-    the low-rank pair, which on a CPU is FLOPs the step pays for (about 40% of the base's
-    on the demo). The verify rows run the base GEMM alone. Elsewhere (CUDA, or no merged
-    weights) the steady state adds the pair in place on a slice (``addmm_``). The merged
-    copies cost one more copy of the adapted layers' weights."""
+    the low-rank pair, which on a CPU is FLOPs the step pays for (about 40% of the base's at
+    rank 64 on the demo, 2-4x the base's at rank 256). In the steady state the verify rows run
+    the base GEMM alone; in a mixed batch every row runs the base GEMM and the routed rows are
+    overwritten by the merged GEMM's (found with one ``nonzero`` per forward, a host sync the
+    CPU does not pay for). Elsewhere (CUDA, or no merged weights) the steady state adds the
+    pair in place on a slice (``addmm_``) and a mixed batch adds ``(x @ A) @ B`` to the routed
+    rows (a forward hook, no host sync). The merged copies cost one more copy of the adapted
+    layers' weights."""
 
     def __init__(self, model, adapter: DraftAdapter, device, dtype):
         self.rows: torch.Tensor | None = None
@@ -196,7 +199,8 @@ class VLLMDraftAdapter:
         self.device = torch.device(device)
         self.modules: dict[str, nn.Module] = {}
         self._merged: dict[str, nn.Module] = {}  # target -> holder of the packed W + (A B)^T
-        self.split = False  # steady state runs mask rows on the merged weights
+        self.split = False  # mask rows run on the merged weights
+        self._routed: torch.Tensor | None = None
         modules = dict(model.named_modules())
         groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, pair in adapter.pairs().items():
@@ -260,7 +264,10 @@ class VLLMDraftAdapter:
         self.split = True
 
     def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
+        if rows is not None and self._merged and not self.split:
+            self._install_split()
         self.rows, self.weight, self.blocks = rows, weight, None
+        self._routed = None  # token rows of the merged GEMM, found by the first adapted layer
 
     def set_blocks(self, num_blocks: int, block_rows: int, first: int) -> None:
         if self._merged and not self.split:
@@ -269,11 +276,17 @@ class VLLMDraftAdapter:
 
     def _split_linear(self, base, merged: nn.Module):
         """``cpu_linear`` of one layer: in the steady state the first ``first`` rows of every
-        block run the base GEMM, the rest the merged one; otherwise the base alone."""
+        block run the base GEMM, the rest the merged one; in a mixed batch the routed rows run
+        the merged one; otherwise the base alone."""
         def linear(x, weight, bias):
             blocks = self.blocks
             if blocks is None:
-                return base(x, weight, bias)
+                out = base(x, weight, bias)
+                if self.rows is not None:
+                    rows = self._routed_rows(x.shape[0])
+                    if rows.numel():
+                        out.index_copy_(0, rows, merged.cpu_linear(x[rows], merged.weight, bias))
+                return out
             n, big_l, first = blocks
             if n == 1:
                 return torch.cat([base(x[:first], weight, bias), merged.cpu_linear(x[first:], merged.weight, bias)])
@@ -284,10 +297,19 @@ class VLLMDraftAdapter:
 
         return linear
 
+    def _routed_rows(self, num_rows: int) -> torch.Tensor:
+        """Distinct token rows whose ``set_rows`` weight is non-zero (an index may repeat,
+        with weight 0, where a short request's rows run into the next request's)."""
+        if self._routed is None:
+            hit = torch.zeros(num_rows, dtype=self.weight.dtype, device=self.weight.device)
+            hit.index_add_(0, self.rows, self.weight[:, 0])
+            self._routed = hit.nonzero().squeeze(1)
+        return self._routed
+
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add_delta(_module, inputs, output):
             blocks, rows = self.blocks, self.rows
-            if (blocks is None and rows is None) or (blocks is not None and self.split):
+            if (blocks is None and rows is None) or self.split:
                 return output
             out = output[0] if isinstance(output, tuple) else output
             x = inputs[0]
