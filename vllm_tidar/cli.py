@@ -116,7 +116,8 @@ def cmd_build_demo(args) -> None:
     self-distillation (distill-data with vLLM, and the fine-tune of ``DEMO_DISTILL_RECIPE``)."""
     import tempfile
 
-    from .demo_base import DEMO_DISTILL, DEMO_DISTILL_RECIPE, DEMO_DISTILL_STEPS, DEMO_RECIPE, build_base, write_corpus
+    from .demo_base import (DEMO_DISTILL, DEMO_DISTILL_RECIPE, DEMO_DISTILL_STEPS, DEMO_RECIPE, build_base,
+                            held_out_source, write_corpus)
     from .distill import DistillConfig, distill
     from .train import TrainConfig, train
 
@@ -131,7 +132,8 @@ def cmd_build_demo(args) -> None:
         train(TrainConfig(base=str(base), data=str(corpus), out=stage1, **DEMO_RECIPE, steps=args.steps, seed=args.seed))
         if args.distill_steps:
             data = tmp / "distill.jsonl"
-            distill(DistillConfig(checkpoint=stage1, corpus=str(corpus), out=str(data), seed=args.seed, **DEMO_DISTILL))
+            distill(DistillConfig(checkpoint=stage1, corpus=str(corpus), out=str(data), held_out=held_out_source(),
+                                  seed=args.seed, **DEMO_DISTILL))
             train(TrainConfig(base=stage1, data=str(corpus), out=args.out, distill_data=str(data), **DEMO_DISTILL_RECIPE,
                               steps=args.distill_steps, seed=args.seed))
     print(f"saved demo checkpoint to {args.out}")
