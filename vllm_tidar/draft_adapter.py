@@ -254,9 +254,12 @@ class VLLMDraftAdapter:
         self._merged = merged
 
     def _install_split(self) -> None:
-        """Wrap each adapted layer's CPU GEMM (``cpu_linear``, set by vLLM once weights are
-        processed) so steady-state steps run mask rows on the merged weight."""
-        if not self._merged or not all(hasattr(m, "cpu_linear") for m in self.modules.values()):
+        """Once, at the first adapted forward: wrap each adapted layer's CPU GEMM
+        (``cpu_linear``, set by vLLM once weights are processed) so mask rows run on the merged
+        weight. Without merged weights (or ``cpu_linear``) the hook path stays."""
+        if self.split or not self._merged:
+            return
+        if not all(hasattr(m, "cpu_linear") for m in self.modules.values()):
             self._merged = {}
             return
         for target, module in self.modules.items():
@@ -264,14 +267,13 @@ class VLLMDraftAdapter:
         self.split = True
 
     def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
-        if rows is not None and self._merged and not self.split:
+        if rows is not None:
             self._install_split()
         self.rows, self.weight, self.blocks = rows, weight, None
         self._routed = None  # token rows of the merged GEMM, found by the first adapted layer
 
     def set_blocks(self, num_blocks: int, block_rows: int, first: int) -> None:
-        if self._merged and not self.split:
-            self._install_split()
+        self._install_split()
         self.rows, self.weight, self.blocks = None, None, (num_blocks, block_rows, first)
 
     def _split_linear(self, base, merged: nn.Module):
