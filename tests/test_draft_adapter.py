@@ -303,11 +303,10 @@ def test_bundled_demo_carries_the_adapter_its_recipe_trains():
     and the held-out evaluation source that ``build-demo`` keeps out of distillation exists."""
     from pathlib import Path
 
-    from vllm_tidar.checkpoint import DEMO_CHECKPOINT
+    from vllm_tidar.checkpoint import DEMO_CHECKPOINT, read_settings
     from vllm_tidar.demo_base import DEMO_DISTILL_RECIPE, held_out_source
 
-    cfg = json.loads((DEMO_CHECKPOINT / "config.json").read_text())["tidar"]["draft_adapter"]
-    spec = AdapterSpec.from_dict(cfg)
+    spec = read_settings(DEMO_CHECKPOINT).draft_adapter
     assert spec.rank == DEMO_DISTILL_RECIPE["draft_adapter_rank"]
     adapter = DraftAdapter.load(DEMO_CHECKPOINT, spec)  # raises on a rank mismatch
     assert len(adapter.names) == 6 * len(spec.targets)
