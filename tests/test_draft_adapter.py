@@ -13,6 +13,7 @@ from vllm_tidar.cli import main
 from vllm_tidar.draft_adapter import FOLDER, WEIGHTS, AdapterSpec, DraftAdapter, attach_hf, draft_adapter
 from vllm_tidar.errors import TidarError
 from vllm_tidar.layout import TrainingLayout
+from vllm_tidar.objective import row_losses
 from vllm_tidar.reference import ReferenceDecoder
 
 from vllm_helpers import tiny_checkpoint
@@ -42,6 +43,30 @@ def test_only_mask_rows_change_ar_rows_are_the_base_exactly():
     clean_g, masks_g = lay.halves(got)
     assert torch.equal(clean_g, clean_w)  # bit for bit: the AR side is the base
     assert (masks_g - masks_w).abs().amax() > 1e-2  # the mask rows run through the adapter
+
+
+@pytest.mark.parametrize("block_len", [4, 8])
+def test_frozen_clean_half_gives_the_doubled_forwards_losses_and_gradients(block_len):
+    model = tiny_llama()
+    mask = model.config.vocab_size - 1
+    adapter = _random_adapter(model)
+    model.requires_grad_(False)
+    attach_hf(model, adapter, mask)
+    lay = TrainingLayout(16, block_len)
+    tokens = torch.randint(0, mask, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = []
+    for frozen_clean in (False, True):
+        adapter.zero_grad(set_to_none=True)
+        parts = row_losses(model, tokens, lay, mask, base=model, frozen_clean=frozen_clean)
+        (parts.diff.sum() + parts.ar.sum()).backward()
+        got.append((parts, [p.grad.clone() for p in adapter.parameters()]))
+    (want, want_g), (split, split_g) = got
+    for name in ("ar", "diff", "kl"):
+        torch.testing.assert_close(getattr(split, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    assert split.ar.grad_fn is None  # the clean half ran without autograd
+    assert any(g.abs().amax() > 0 for g in want_g)
+    for g_split, g_want in zip(split_g, want_g):
+        torch.testing.assert_close(g_split, g_want, rtol=1e-4, atol=1e-6)
 
 
 def test_decoding_with_an_adapter_is_lossless_and_the_ar_output_is_the_bases():

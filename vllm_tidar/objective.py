@@ -56,14 +56,28 @@ class RowWeights:
                 repeats * n_ar * self.kl.sum().item())
 
 
-def row_losses(model, tokens: torch.Tensor, layout: TrainingLayout, mask_id: int, base=None) -> RowLosses:
-    """Per-row loss sums of clean rows ``tokens`` (B, S); ``base``: a frozen AR model for the KL term."""
+def row_losses(model, tokens: torch.Tensor, layout: TrainingLayout, mask_id: int, base=None,
+               frozen_clean: bool = False) -> RowLosses:
+    """Per-row loss sums of clean rows ``tokens`` (B, S); ``base``: a frozen AR model for the KL term.
+
+    ``frozen_clean``: no gradient can reach the clean half (a frozen model with a draft adapter
+    that runs on mask rows only, and clean rows never attend to mask rows), so the clean half
+    runs once without autograd and the mask half attends to its cached keys and values: the same
+    losses and gradients as the doubled forward, without the clean half's backward."""
     dev = tokens.device
     ids = layout.input_ids(tokens, mask_id)
     pos = layout.position_ids.to(dev).expand(tokens.shape[0], -1)
     attn = layout.template.to(dev)[None, None].expand(tokens.shape[0], 1, -1, -1)
-    logits = model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=False).logits.float()
-    clean, masks = layout.halves(logits)
+    if frozen_clean:
+        s = layout.seq_len
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :s], position_ids=pos[:, :s], attention_mask=attn[:, :, :s, :s], use_cache=True)
+        clean = out.logits.float()
+        masks = model(input_ids=ids[:, s:], position_ids=pos[:, s:], attention_mask=attn[:, :, s:],
+                      past_key_values=out.past_key_values, use_cache=False).logits.float()
+    else:
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=False).logits.float()
+        clean, masks = layout.halves(logits)
     ar_labels, diff_labels = layout.labels(tokens)
     ar = F.cross_entropy(clean.transpose(1, 2), ar_labels, ignore_index=-100, reduction="none").sum(1)
     diff = F.cross_entropy(masks.transpose(1, 2), diff_labels, reduction="none").sum(1)

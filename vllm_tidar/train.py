@@ -193,6 +193,8 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     autocast = torch.autocast(device_type=torch.device(env.device).type, dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bf16" and not fsdp_bf16)
 
+    # a draft adapter trains on mask rows only: the clean half needs no backward (objective.row_losses)
+    frozen_clean = adapter is not None and not cfg.activation_checkpointing
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="tidar-train",
                disable=not progress or not env.is_main)
@@ -209,7 +211,7 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
             if env.world > 1:
                 model.set_requires_gradient_sync(m == cfg.grad_accum - 1)  # reduce-scatter once per step
             with autocast:
-                parts = row_losses(model, batch, layout, mask_id, base)
+                parts = row_losses(model, batch, layout, mask_id, base, frozen_clean=frozen_clean)
                 loss, l_ar, l_diff, l_kl = combine(parts, mix.weights[mine], norms, cfg.alpha, cfg.kl_weight)
             (loss * env.world).backward()  # FSDP averages gradients over ranks; the shares add up
             for key, value in (("loss", loss), ("l_ar", l_ar), ("l_diff", l_diff), ("l_kl", l_kl)):
