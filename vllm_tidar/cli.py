@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=600, help="TiDAR training steps of the base (default 600)")
     b.add_argument("--distill-steps", type=int, default=None,
                    help="steps of the self-distillation stage after the TiDAR training: a draft adapter on the "
-                        "frozen model, trained on its own greedy continuations (default 1200, the bundled demo's; "
+                        "frozen model, trained on its own greedy continuations (default 2000, the bundled demo's; "
                         "0: stage 1 only)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build_demo)

@@ -31,13 +31,13 @@ DEMO_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=2e-3, min
 # self-distillation stage (`build-demo --distill-steps N`; README, "How the demo was trained"):
 # the stage-1 model's own greedy AR continuations of stdlib prompts (distill-data), then a
 # frozen stage-1 model with a draft adapter trained on them (diffusion loss on the
-# continuations only): the AR model and its output stay stage 1's exactly. Run r256 of
+# continuations only): the AR model and its output stay stage 1's exactly. Run r2k of
 # benchmarks/results/self_distill_cpu.md. Prompts overlapping HumanEval or the held-out
 # evaluation source (``held_out_source``) are refused.
 DEMO_DISTILL = dict(num_samples=6000, prompt_lengths=(32, 96), completion_len=160)
 DEMO_DISTILL_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=1e-3, min_lr=1e-4, warmup=0.03,
                            save_every=200, distill_ratio=1.0, draft_adapter_rank=256)
-DEMO_DISTILL_STEPS = 1200
+DEMO_DISTILL_STEPS = 2000
 
 
 def stdlib_corpus() -> Path:
