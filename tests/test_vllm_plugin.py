@@ -51,6 +51,17 @@ def _model_config(archs, tidar=None, **extra):
     return SimpleNamespace(hf_config=hf, model="ckpt")
 
 
+def test_plugin_logs_reach_vllms_handler():
+    # adaptive drafting logs its choice at INFO; without routing it would vanish at the root logger
+    # (vLLM configures only its own "vllm" logger, as an engine does at start)
+    code = ("import sys, vllm_tidar; vllm_tidar.register(); from vllm.config.logging import LoggingConfig; "
+            "from vllm.logger import configure_logging; configure_logging(LoggingConfig(log_level=sys.argv[1])); "
+            "from vllm_tidar.plugin.adaptive import logger; logger.info('tidar-log-marker')")
+    for level, shown in (("INFO", True), ("WARNING", False)):
+        out = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, check=True)
+        assert ("tidar-log-marker" in out.stdout + out.stderr) == shown, (level, out.stdout, out.stderr)
+
+
 def test_speculative_config_rewrites():
     from vllm_tidar.plugin.common import PROPOSER_PATH
     from vllm_tidar.plugin.config import tidar_speculative_config

@@ -6,7 +6,7 @@ import logging
 
 from .common import MODEL_CLASSES, PROPOSER_PATH
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 _registered = False
 
 

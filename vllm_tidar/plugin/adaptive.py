@@ -29,7 +29,7 @@ from vllm.logger import init_logger
 
 from ..layout import DecodeLayout
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 
 
 class StepCosts:

@@ -13,7 +13,7 @@ from ..layout import DecodeLayout, check_num_drafts
 from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer
 from .cpu_threads import default_thread_binding
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 
 
 def _is_tidar_arch(model_config) -> bool:

@@ -7,7 +7,7 @@ import os
 
 from ..errors import TidarError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _ours: str | None = None  # the value this module set (a later engine in the process may need another)
 

@@ -52,7 +52,7 @@ from ..layout import DecodeLayout, StepMask
 from .attention import TiDARCPUBackend
 from .common import is_tidar_proposer
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
 
 
 def _tidar_attention_backend(device: torch.device):
