@@ -115,7 +115,9 @@ class StepTimers:
 
 def method_engines(ckpt: Path, tidar: list[tuple[int, int]]) -> list[tuple[str, dict]]:
     """(label, engine kwargs): stock AR, AR in the TiDAR class, then TiDAR at fixed
-    (block length, K) pairs (a block length other than the checkpoint's is an hf override)."""
+    (block length, K) pairs (a block length other than the checkpoint's is an hf override;
+    K = 0: a TiDAR engine with the block's largest K whose schedule takes plain AR steps
+    only, what adaptive drafting runs when drafting loses)."""
     from vllm_tidar.plugin.common import BASE_ARCHITECTURES
 
     info = json.loads((ckpt / "config.json").read_text())
@@ -123,10 +125,13 @@ def method_engines(ckpt: Path, tidar: list[tuple[int, int]]) -> list[tuple[str, 
     rows = [("AR (stock)", {"hf_overrides": {"architectures": stock}}),
             ("AR (TiDAR class)", {"hf_overrides": {"tidar_mode": "ar"}})]
     for bl, k in tidar:
-        engine = {"speculative_config": {"method": "tidar", "num_speculative_tokens": k}}
+        spec = {"method": "tidar", "num_speculative_tokens": k or bl - 1}
+        if k == 0:
+            spec["num_speculative_tokens_per_batch_size"] = [[1, 1 << 16, 0]]
+        engine = {"speculative_config": spec}
         if bl != info["tidar"]["block_length"]:
             engine["hf_overrides"] = {"tidar": {**info["tidar"], "block_length": bl}}
-        rows.append((f"TiDAR Bl={bl} K={k}", engine))
+        rows.append((f"TiDAR Bl={bl} K={k}" + (" (drafting off)" if k == 0 else ""), engine))
     return rows
 
 
@@ -192,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=str(DEMO_CHECKPOINT))
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--tidar", default="8:7,4:3",
-                   help="TiDAR steps to profile as BLOCK_LENGTH:K pairs (default 8:7,4:3: L = 72 and 20)")
+                   help="TiDAR steps to profile as BLOCK_LENGTH:K pairs (default 8:7,4:3: L = 72 and 20; "
+                        "K=0: the TiDAR engine taking plain AR steps only)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--methods", default="all", help="comma-separated labels' first words: stock,class,tidar (default all)")

@@ -56,10 +56,14 @@ def test_plugin_logs_reach_vllms_handler():
     # (vLLM configures only its own "vllm" logger, as an engine does at start)
     code = ("import sys, vllm_tidar; vllm_tidar.register(); from vllm.config.logging import LoggingConfig; "
             "from vllm.logger import configure_logging; configure_logging(LoggingConfig(log_level=sys.argv[1])); "
-            "from vllm_tidar.plugin.adaptive import logger; logger.info('tidar-log-marker')")
+            "import importlib; mods = ('__init__', 'adaptive', 'config', 'cpu_threads', 'model'); "
+            "[importlib.import_module('vllm_tidar.plugin' + ('' if m == '__init__' else '.' + m)).logger"
+            ".info('tidar-log-marker-' + m) for m in mods]")
+    mods = ("__init__", "adaptive", "config", "cpu_threads", "model")
     for level, shown in (("INFO", True), ("WARNING", False)):
         out = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, check=True)
-        assert ("tidar-log-marker" in out.stdout + out.stderr) == shown, (level, out.stdout, out.stderr)
+        for m in mods:
+            assert (f"tidar-log-marker-{m}\n" in out.stdout + out.stderr) == shown, (level, m, out.stdout, out.stderr)
 
 
 def test_speculative_config_rewrites():

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
+from .common import MODEL_CLASSES, PROPOSER_PATH, plugin_logger
 
-from .common import MODEL_CLASSES, PROPOSER_PATH
-
-logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
+logger = plugin_logger(__name__)
 _registered = False
 
 

@@ -25,11 +25,10 @@ size, from step costs and draft acceptance measured while serving.
 
 from __future__ import annotations
 
-from vllm.logger import init_logger
-
 from ..layout import DecodeLayout
+from .common import plugin_logger
 
-logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
+logger = plugin_logger(__name__)
 
 
 class StepCosts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 from ..checkpoint import TidarSettings
@@ -22,6 +23,13 @@ BASE_ARCHITECTURES = {
     "TiDARQwen2ForCausalLM": "Qwen2ForCausalLM",
     "TiDARQwen3ForCausalLM": "Qwen3ForCausalLM",
 }
+
+
+def plugin_logger(name: str) -> logging.Logger:
+    """The logger of plugin module ``name``, named under vLLM's ``vllm`` logger so that its
+    handlers and level (``VLLM_LOGGING_LEVEL``) apply; a ``vllm_tidar.*`` logger sits outside
+    vLLM's logging configuration and its INFO lines are dropped."""
+    return logging.getLogger(f"vllm.{name}")
 
 
 def is_tidar_proposer(spec_config) -> bool:

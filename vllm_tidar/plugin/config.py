@@ -5,15 +5,13 @@ one-line errors for settings TiDAR cannot serve. Imported by the
 
 from __future__ import annotations
 
-import logging
-
 from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout, check_num_drafts
-from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer
+from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, plugin_logger
 from .cpu_threads import default_thread_binding
 
-logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
+logger = plugin_logger(__name__)
 
 
 def _is_tidar_arch(model_config) -> bool:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from ..errors import TidarError
+from .common import plugin_logger
 
-logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
+logger = plugin_logger(__name__)
 ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _ours: str | None = None  # the value this module set (a later engine in the process may need another)
 

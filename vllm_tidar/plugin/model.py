@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -50,9 +49,9 @@ from ..draft_adapter import DraftAdapter, VLLMDraftAdapter
 from ..errors import TidarError
 from ..layout import DecodeLayout, StepMask
 from .attention import TiDARCPUBackend
-from .common import is_tidar_proposer
+from .common import is_tidar_proposer, plugin_logger
 
-logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger: its handlers and level apply
+logger = plugin_logger(__name__)
 
 
 def _tidar_attention_backend(device: torch.device):
