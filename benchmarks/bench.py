@@ -1,8 +1,13 @@
 """``vllm-tidar bench``: one A/B run of plain AR, TiDAR, EAGLE-3 and n-gram in vLLM.
 
-Same engine type (vLLM, in-process, one engine at a time), same prompts (HumanEval by
-default), same checkpoint, greedy, fixed ``max_tokens`` with ``ignore_eos``, batch sizes
-1/4/16. Each method's engine is built once, warmed up, and reused across batch sizes.
+Same engine type (vLLM, in-process), same prompts (HumanEval by default), same checkpoint,
+greedy, fixed ``max_tokens`` with ``ignore_eos``, batch sizes 1/4/16. Every method's engine
+is built and warmed up first, and all stay alive (memory: the sum of the engines; each gets
+``VLLM_CPU_KVCACHE_SPACE``, 1 GiB unless set). Then each batch of prompts runs on every
+engine in turn, the order rotating from batch to batch, so every method is timed within
+seconds of the others: on a shared machine whose speed drifts by tens of percent over
+minutes (measured on our 2-core CPUs), timing one engine after another compared the
+machine's phases rather than the methods.
 
 Rows:
 * ``ar``: the TiDAR checkpoint as plain AR (``hf_overrides={"tidar_mode": "ar"}``; the TiDAR
@@ -243,11 +248,11 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
 
 
 # --- running ---------------------------------------------------------------------------------
-def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_model_len: int, progress) -> dict:
-    """Build the engine once, warm it up, run every batch size; returns {batch_size: run}."""
-    from vllm import LLM, SamplingParams
+def build_engine(method: Method, args, ckpt: Path, max_model_len: int):
+    """(``LLM``, seconds it took to build)."""
+    from vllm import LLM
 
-    from vllm_tidar.plugin.common import close_llm
+    from vllm_tidar.plugin.common import adaptive_drafting
 
     max_batch = max(args.batch_sizes)
     kwargs = dict(
@@ -265,41 +270,65 @@ def run_method(method: Method, args, ckpt: Path, prompts: list[list[int]], max_m
     if "speculative_config" in method.engine:
         kwargs["per_request_spec_decode_metrics"] = "detailed"
     kwargs.update(method.engine)
-    from vllm_tidar.plugin.common import adaptive_drafting
-
     t_build = time.perf_counter()
     with adaptive_drafting(True):  # fixed-K rows carry a one-range schedule; the adaptive row adapts
         llm = LLM(**kwargs)
-    build_s = time.perf_counter() - t_build
-    try:
-        warm = SamplingParams(temperature=0, max_tokens=min(8, args.max_tokens), ignore_eos=True)
-        for b in sorted({1, min(max_batch, len(prompts))}):
-            llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], warm, use_tqdm=False)
-        sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-        runs = {}
+    return llm, time.perf_counter() - t_build
+
+
+def warm_up(llm, args, prompts: list[list[int]]) -> None:
+    """A few tokens at batch 1 and at the largest batch size, so no timed step is the engine's first."""
+    from vllm import SamplingParams
+
+    warm = SamplingParams(temperature=0, max_tokens=min(8, args.max_tokens), ignore_eos=True)
+    for b in sorted({1, min(max(args.batch_sizes), len(prompts))}):
+        llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], warm, use_tqdm=False)
+
+
+def run_interleaved(methods: list[Method], engines: dict, args, prompts: list[list[int]], progress, failed) -> dict:
+    """Every round, batch size and batch of prompts on every engine in turn (the order rotates
+    from batch to batch), so all methods see the same machine speed within seconds of each other;
+    returns ``{name: [{batch_size: {"records", "seconds"}} per round]}``. ``failed(method, exc)``
+    decides what a method's exception does (it is dropped, or the exception propagates)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    rounds: dict[str, list] = {m.name: [] for m in methods}
+    turn = 0
+    for rnd in range(args.rounds):
+        runs = {m.name: {} for m in methods}
         for b in args.batch_sizes:
-            records, elapsed = [], 0.0
+            for m in methods:
+                runs[m.name][b] = {"records": [], "seconds": 0.0}
             for start in range(0, len(prompts), b):
                 chunk = prompts[start : start + b]
-                t0 = time.perf_counter()
-                outs = llm.generate([{"prompt_token_ids": p} for p in chunk], sp, use_tqdm=False)
-                elapsed += time.perf_counter() - t0
-                for j, o in enumerate(outs):
-                    records.append(st.request_record(start + j, o))
-                progress.update(len(chunk))
-                progress.set_postfix_str(f"batch {b}: {sum(r['num_tokens'] for r in records) / elapsed:.0f} tok/s")
-            runs[b] = {"records": records, "seconds": elapsed}
-        return {"runs": runs, "build_s": build_s}
-    finally:
-        close_llm(llm)
+                shift = turn % len(methods)
+                turn += 1
+                for m in methods[shift:] + methods[:shift]:
+                    if m.name not in engines:
+                        continue
+                    run = runs[m.name][b]
+                    try:
+                        t0 = time.perf_counter()
+                        outs = engines[m.name].generate([{"prompt_token_ids": p} for p in chunk], sp, use_tqdm=False)
+                        run["seconds"] += time.perf_counter() - t0
+                    except Exception as e:
+                        failed(m, e)
+                        continue
+                    run["records"].extend(st.request_record(start + j, o) for j, o in enumerate(outs))
+                    progress.update(len(chunk))
+                    tps = sum(r["num_tokens"] for r in run["records"]) / max(run["seconds"], 1e-9)
+                    progress.set_postfix_str(f"round {rnd + 1}, batch {b}, {m.name}: {tps:.0f} tok/s")
+        for m in methods:
+            rounds[m.name].append(runs[m.name])
+    return {name: r for name, r in rounds.items() if name in engines}
 
 
 # --- results ---------------------------------------------------------------------------------
 def make_rows(methods: list[Method], results: dict) -> list[dict]:
     """Table rows (one per method and batch size) with speedup and identity vs the baseline.
 
-    ``results[name]["rounds"]``: one ``{batch_size: run}`` per round (the engines ran round by
-    round, interleaved). A row's statistics pool every round's requests and seconds; its speedup
+    ``results[name]["rounds"]``: one ``{batch_size: run}`` per round (``run_interleaved``). A row's statistics pool every round's requests and seconds; its speedup
     is the median over rounds of tokens/s over the baseline's in the same round (pairing within
     a round cancels the engine-to-engine drift), with the min and max over rounds."""
     rows = []
@@ -369,8 +398,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += [
         "",
         "- speedup: output tokens/s over the AR row's at the same batch size"
-        + (f", median over {meta['rounds']} rounds (engines run round by round, each round starting one engine later; min–max in brackets). "
-           if meta.get("rounds", 1) > 1 else ". ")
+        + (f", median over {meta['rounds']} rounds (min–max in brackets). " if meta.get("rounds", 1) > 1 else ". ")
+        + "All engines are alive at once; each batch of prompts runs on every engine in turn (the order rotating), "
+        "so methods are timed within seconds of each other. "
         + "TiDAR rows are compared with "
         "AR of the same TiDAR model class (`tidar_mode=ar`, same attention backend); rows marked ¹ "
         "(EAGLE-3, n-gram, which need the stock model) with AR on stock vLLM Llama.",
@@ -460,9 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram-max", type=int, default=4, help="n-gram prompt_lookup_max (default 4)")
     p.add_argument("--ngram-min", type=int, default=2, help="n-gram prompt_lookup_min (default 2)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="run every engine this many times, round by round (each round starting one engine "
-                        "later); speedups are medians over rounds "
-                        "of within-round ratios (default 1)")
+                   help="run every batch size this many times on every engine; speedups are medians over "
+                        "rounds of within-round ratios (default 1)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
@@ -516,29 +545,39 @@ def main(argv: list[str] | None = None) -> int:
           f"× {args.max_tokens} tokens, batch sizes {args.batch_sizes}, checkpoint {ckpt}", flush=True)
     for n in notes:
         print(f"note: {n}", flush=True)
-    results: dict = {}
-    for rnd in range(args.rounds):
-        # each round starts one engine later (engine-to-engine drift on a shared machine
-        # would otherwise always favour the same position)
-        shift = rnd % len(methods)
-        for m in methods[shift:] + methods[:shift]:
-            if rnd and m.name not in results:
-                continue  # failed in round 1
-            desc = f"{m.name:>9}" + (f" r{rnd + 1}" if args.rounds > 1 else "")
-            with tqdm(total=len(prompts) * len(args.batch_sizes), desc=desc, unit="req", dynamic_ncols=True) as bar:
+    from vllm_tidar.plugin.common import close_llm
+
+    engines: dict = {}
+    build_s: dict[str, float] = {}
+
+    def failed(m: Method, e: Exception) -> None:
+        # one method failing (e.g. an incompatible head) must not lose the rest; AR and TiDAR must run
+        if m.kind in ("ar", "tidar"):
+            raise e
+        msg = f"{m.label} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        notes.append(msg)
+        tqdm.write(f"note: {msg}")
+        llm = engines.pop(m.name, None)
+        if llm is not None:  # its engine core only: the others still use the process's distributed state
+            llm.llm_engine.engine_core.shutdown()
+
+    try:
+        with tqdm(total=len(methods), desc="starting engines", unit="engine", dynamic_ncols=True) as bar:
+            for m in methods:
+                bar.set_postfix_str(m.name)
                 try:
-                    res = run_method(m, args, ckpt, prompts, max_model_len, bar)
-                except Exception as e:  # one method failing (e.g. an incompatible head) must not lose the rest
-                    if m.kind in ("ar", "tidar"):
-                        raise
-                    msg = f"{m.label} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    notes.append(msg)
-                    tqdm.write(f"note: {msg}")
-                    results.pop(m.name, None)
-                    continue
-            entry = results.setdefault(m.name, {"rounds": [], "build_s": []})
-            entry["rounds"].append(res["runs"])
-            entry["build_s"].append(res["build_s"])
+                    engines[m.name], build_s[m.name] = build_engine(m, args, ckpt, max_model_len)
+                    warm_up(engines[m.name], args, prompts)
+                except Exception as e:
+                    failed(m, e)
+                bar.update(1)
+        total = args.rounds * len(args.batch_sizes) * len(prompts) * len(engines)
+        with tqdm(total=total, desc="generating", unit="req", dynamic_ncols=True) as bar:
+            per_method = run_interleaved(methods, engines, args, prompts, bar, failed)
+    finally:
+        for llm in engines.values():
+            close_llm(llm)
+    results = {name: {"rounds": r, "build_s": [build_s[name]]} for name, r in per_method.items()}
 
     rows = make_rows(methods, results)
     for r in rows:

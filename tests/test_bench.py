@@ -119,6 +119,51 @@ def test_rows_speedup_and_identity():
     assert "2.00× (0.50–3.00)" in md and "median over 3 rounds" in md
 
 
+def test_interleaved_runs_every_batch_on_every_engine_in_rotating_order(monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+
+    class Engine:
+        def __init__(self, name, fail_at=None):
+            self.name, self.fail_at = name, fail_at
+
+        def generate(self, reqs, sp, use_tqdm):
+            calls.append((self.name, len(reqs)))
+            if self.fail_at is not None and len(calls) >= self.fail_at:
+                raise RuntimeError("head broke\nmore")
+            return [r["prompt_token_ids"] for r in reqs]
+
+    monkeypatch.setattr(bench.st, "request_record", lambda i, o: {"prompt": i, "token_ids": o, "num_tokens": len(o)})
+    methods = [bench.Method(n, n, k) for n, k in (("ar", "ar"), ("tidar-k3", "tidar"), ("ngram", "ngram"))]
+    engines = {m.name: Engine(m.name) for m in methods}
+    args = SimpleNamespace(rounds=2, batch_sizes=[1, 2], max_tokens=4)
+    prompts = [[1], [2, 2], [3, 3, 3]]
+    bar = SimpleNamespace(update=lambda n: None, set_postfix_str=lambda s: None)
+    dropped = []
+
+    def failed(m, e):
+        dropped.append((m.name, str(e)))
+        engines.pop(m.name)
+
+    out = bench.run_interleaved(methods, engines, args, prompts, bar, failed)
+    # 2 rounds x (3 batches of 1 + 2 batches of 2) x 3 engines, each batch on every engine in turn
+    assert len(calls) == 2 * 5 * 3
+    firsts = [calls[i][0] for i in range(0, len(calls), 3)]
+    assert firsts[:4] == ["ar", "tidar-k3", "ngram", "ar"]  # the order rotates from batch to batch
+    for name in engines:
+        assert len(out[name]) == 2
+        for rnd in out[name]:
+            assert [r["prompt"] for r in rnd[1]["records"]] == [0, 1, 2] and [r["prompt"] for r in rnd[2]["records"]] == [0, 1, 2]
+            assert rnd[2]["records"][2]["token_ids"] == [3, 3, 3] and rnd[1]["seconds"] > 0
+    # a method that fails is dropped; the others keep every batch
+    calls.clear()
+    engines = {m.name: Engine(m.name, fail_at=5 if m.name == "ngram" else None) for m in methods}
+    out = bench.run_interleaved(methods, engines, args, prompts, bar, failed)
+    assert dropped == [("ngram", "head broke\nmore")] and set(out) == {"ar", "tidar-k3"}
+    assert all(len(rnd[b]["records"]) == 3 for name in out for rnd in out[name] for b in (1, 2))
+
+
 # --- inputs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "content, message",
