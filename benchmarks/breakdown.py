@@ -1,9 +1,10 @@
 """``vllm-tidar breakdown``: where one vLLM engine step's time goes, AR against TiDAR.
 
 Runs each method in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on HumanEval prompts
-at each batch size, wraps the engine's per-step functions with wall-clock timers (CPU:
-everything is synchronous, so the timers are exact), and reports the median over decode
-steps (every request decoding, none prefilling) of:
+at each batch size (all engines alive at once, each batch size on every engine in turn),
+wraps the engine's per-step functions with wall-clock timers (CPU: everything is
+synchronous, so the timers are exact), and reports the median over decode steps (every
+request decoding, none prefilling) of:
 
 * ``schedule`` – ``Scheduler.schedule``;
 * ``update`` – ``Scheduler.update_from_output`` (includes the spec-metrics patch);
@@ -135,30 +136,44 @@ def method_engines(ckpt: Path, tidar: list[tuple[int, int]]) -> list[tuple[str, 
     return rows
 
 
-def measure(ckpt: Path, label: str, engine: dict, prompts, batch_sizes, max_tokens: int, dtype: str, log) -> dict:
-    from vllm import LLM, SamplingParams
+def build(ckpt: Path, engine: dict, batch_sizes, dtype: str):
+    """One engine of a method (fixed K: adaptive drafting off)."""
+    from vllm import LLM
 
     from vllm_tidar.layout import DecodeLayout
-    from vllm_tidar.plugin.common import close_llm
+    from vllm_tidar.plugin.common import adaptive_drafting
 
     max_batch = max(batch_sizes)
     k = engine.get("speculative_config", {}).get("num_speculative_tokens")
     bl = engine.get("hf_overrides", {}).get("tidar", json.loads((ckpt / "config.json").read_text())["tidar"])["block_length"]
     big_l = DecodeLayout(bl, k).num_tokens if k else 1
-    from vllm_tidar.plugin.common import adaptive_drafting
-
     with adaptive_drafting(False):  # each TiDAR row keeps its K
-        llm = LLM(model=str(ckpt), enforce_eager=True, dtype=dtype, seed=0, max_model_len=1024,
-                  max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * big_l),
-                  use_tqdm_on_load=False, **engine)
-    out = {}
+        return LLM(model=str(ckpt), enforce_eager=True, dtype=dtype, seed=0, max_model_len=1024,
+                   max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * big_l),
+                   use_tqdm_on_load=False, **engine)
+
+
+def measure(ckpt: Path, engines: list[tuple[str, dict]], prompts, batch_sizes, max_tokens: int, dtype: str, log) -> dict:
+    """{label: {batch_size: medians}}. All engines are built first and stay alive; each batch
+    size then runs on every engine in turn (the order rotating), so the methods are timed
+    within seconds of each other on a machine whose speed drifts."""
+    from vllm import SamplingParams
+
+    from vllm_tidar.plugin.common import close_llm
+
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    live: dict[str, tuple[object, StepTimers]] = {}
+    out: dict[str, dict] = {label: {} for label, _ in engines}
     try:
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        # warm-up: the first batch size once in full, so the timed steps are not the engine's first
-        llm.generate([{"prompt_token_ids": p} for p in prompts[: batch_sizes[0]]], sp, use_tqdm=False)
-        timers = StepTimers(llm)
-        try:
-            for b in batch_sizes:
+        for label, engine in engines:
+            llm = build(ckpt, engine, batch_sizes, dtype)
+            # warm-up: the first batch size once in full, so the timed steps are not the engine's first
+            llm.generate([{"prompt_token_ids": p} for p in prompts[: batch_sizes[0]]], sp, use_tqdm=False)
+            live[label] = (llm, StepTimers(llm))
+        labels = list(live)
+        for n, b in enumerate(batch_sizes):
+            for label in labels[n % len(labels):] + labels[: n % len(labels)]:
+                llm, timers = live[label]
                 timers.steps.clear()
                 llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], sp, use_tqdm=False)
                 dec = [s for s in timers.steps if s["decode"] and s["num_reqs"] == b]
@@ -167,13 +182,13 @@ def measure(ckpt: Path, label: str, engine: dict, prompts, batch_sizes, max_toke
                 med = {p: statistics.median(s[p] for s in dec) for p in (*PARTS, "total")}
                 med["steps"] = len(dec)
                 med["tokens_per_step"] = statistics.median(s["tokens"] for s in dec)
-                out[b] = med
+                out[label][b] = med
                 log(f"{label:18s} batch {b:3d}: step {med['total']:.1f} ms over {len(dec)} decode steps")
-        finally:
-            timers.restore()
     finally:
-        close_llm(llm)
-    return out
+        for llm, timers in live.values():
+            timers.restore()
+            close_llm(llm)
+    return {label: {b: out[label][b] for b in batch_sizes if b in out[label]} for label in out}
 
 
 def markdown(results: dict, meta: dict) -> str:
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         want = [keep[m] for m in args.methods.split(",")]
         engines = [(lab, e) for lab, e in engines if any(lab.startswith(w) for w in want)]
     load_start = round(os.getloadavg()[0], 2)
-    results = {lab: measure(ckpt, lab, e, prompts, batch_sizes, args.max_tokens, args.dtype, print) for lab, e in engines}
+    results = measure(ckpt, engines, prompts, batch_sizes, args.max_tokens, args.dtype, print)
     meta = dict(machine=machine_name(), command="vllm-tidar breakdown " + " ".join(argv or []), dtype=args.dtype,
                 checkpoint=ckpt.name, max_tokens=args.max_tokens, load_start=load_start, load_end=round(os.getloadavg()[0], 2))
     out = Path(args.out)

@@ -25,11 +25,31 @@ def _costs(a_plain, a_tidar, per_token, n=200):
 def test_step_costs_fit_measured_steps_and_skip_idle_gaps():
     c = _costs(4e-3, 6e-3, 2e-4)
     assert c.predict(False, 16) == pytest.approx(4e-3 + 16 * 2e-4, rel=1e-2)
-    assert c.coefficients == pytest.approx((4e-3, 6e-3, 2e-4), rel=5e-2)  # the weak prior pulls a little
+    assert c.coefficients == pytest.approx((4e-3, 2e-4, 6e-3, 2e-4), rel=5e-2)  # the weak prior pulls a little
     assert c.predict(True, 576) == pytest.approx(6e-3 + 576 * 2e-4, rel=1e-2)
     n = c.num_observed
     assert not c.observe(False, 1, 5.0)  # the engine sat idle between two requests
     assert c.num_observed == n
+
+
+def test_plain_and_tidar_steps_have_their_own_slopes():
+    """Measured on the 2-core Xeon (bench run 8, per step with the output processing): a plain
+    step ~9.8 ms + 0.37 ms per request, a TiDAR step ~18 ms + 0.2 ms per scheduled row. Both
+    lines are learnt, and at batch 4 the policy keeps plain AR (Bl=4 K=3 ran at 0.79x there);
+    one slope shared by both kinds mispredicted that step and flipped the choice."""
+    c = StepCosts()
+    for i in range(400):
+        b = [1, 4, 16][i % 3]
+        c.observe(False, b, 9.8e-3 + 0.37e-3 * b)
+        for t in (20 * b, 72 * b):
+            c.observe(True, t, 18e-3 + 0.2e-3 * t)
+    for b in (1, 4, 16):
+        assert c.predict(False, b) == pytest.approx(9.8e-3 + 0.37e-3 * b, rel=1e-2)
+        assert c.predict(True, 20 * b) == pytest.approx(18e-3 + 0.2e-3 * 20 * b, rel=1e-2)
+    acc = {4: Acceptance(3, prior=0.5)}
+    acc[4].alpha, acc[4].num_observed = [0.72, 0.82, 0.84], 1000  # 2.73 tokens per step
+    p = DraftPolicy(_layouts(4), costs=c, acceptance=acc)
+    assert p.best(1)[0] == DecodeLayout(4, 3) and p.best(4)[0] is None and p.best(16)[0] is None
 
 
 def test_step_costs_learn_steps_far_above_the_prior():

@@ -19,16 +19,16 @@ def test_breakdown_parts_add_up_to_the_step(tmp_path, capsys):
 
     ckpt = tiny_checkpoint(block_length=4)
     rc = cli_main(["breakdown", "--checkpoint", str(ckpt), "--batch-sizes", "1,2", "--max-tokens", "10",
-                   "--tidar", "4:3,4:1", "--methods", "class,tidar", "--out", str(tmp_path), "--name", "bd"])
+                   "--tidar", "4:3,4:1,4:0", "--methods", "class,tidar", "--out", str(tmp_path), "--name", "bd"])
     assert rc == 0
     data = json.loads((tmp_path / "bd.json").read_text())["results"]
-    assert set(data) == {"AR (TiDAR class)", "TiDAR Bl=4 K=3", "TiDAR Bl=4 K=1"}
+    assert set(data) == {"AR (TiDAR class)", "TiDAR Bl=4 K=3", "TiDAR Bl=4 K=1", "TiDAR Bl=4 K=0 (drafting off)"}
     for label, per_batch in data.items():
         assert set(per_batch) == {"1", "2"}
         for b, med in per_batch.items():
             assert med["steps"] > 0
-            # each TiDAR request schedules L = (K+1)(1+Bl) tokens per decode step, AR 1
-            want = 1 if label.startswith("AR") else (int(label[-1]) + 1) * 5
+            # each TiDAR request schedules L = (K+1)(1+Bl) tokens per decode step, AR and drafting off 1
+            want = 1 if label.startswith("AR") or "drafting off" in label else (int(label[-1]) + 1) * 5
             assert med["tokens_per_step"] == want * int(b)
             assert all(med[p] >= 0 for p in PARTS if p != "other") and med["attention"] > 0
             assert med["total"] > med["forward"] + med["attention"]

@@ -40,4 +40,4 @@ def test_demo_runs_ar_and_tidar_in_vllm():
     assert len(tidar[6].rstrip(" |").split()) == 3  # one rate per draft position
     assert f"TiDAR output identical to AR: True ({n}/{n} prompts)" in out
     assert lines[-1].strip() == f"vllm-tidar serve {ckpt} --enforce-eager"
-    assert "TiDAR generate" in proc.stderr  # the progress bar's last stage
+    assert "AR and TiDAR in turn" in proc.stderr  # the progress bar's last stage

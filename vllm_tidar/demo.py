@@ -30,7 +30,7 @@ DEMO_PROMPTS = (
     'def flatten(nested: list) -> list:\n    """Flatten a list of lists into one list, keeping the order."""\n',
     'def celsius_to_fahrenheit(celsius: float) -> float:\n    """Convert a temperature from Celsius to Fahrenheit."""\n',
 )
-STAGES = ("AR engine", "AR generate", "TiDAR engine", "TiDAR generate")
+STAGES = ("AR engine", "TiDAR engine", "AR and TiDAR in turn")
 
 
 def _prompt_ids(tokenizer, prompts) -> list[list[int]]:
@@ -57,21 +57,25 @@ def serve_command(checkpoint, num_drafts: int | None = None) -> str:
 
 
 # --- vLLM ----------------------------------------------------------------------------------
-def _generate(llm, prompts: list[list[int]], max_tokens: int, bar) -> dict:
-    """Batch-1 greedy run of every prompt: bench_stats records and the wall time."""
+def _generate_in_turn(engines: dict, prompts: list[list[int]], max_tokens: int, bar) -> dict:
+    """Batch-1 greedy run of every prompt on every engine in turn (the order alternating from
+    prompt to prompt, so both modes are timed within seconds of each other on a machine whose
+    speed drifts): per engine, bench_stats records and the wall time."""
     from vllm import SamplingParams
 
     from .benchmarks import bench_stats as st
 
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    records, seconds = [], 0.0
+    runs = {label: {"records": [], "seconds": 0.0} for label in engines}
+    labels = list(engines)
     for i, p in enumerate(prompts):
         bar.set_postfix_str(f"prompt {i + 1}/{len(prompts)}")
-        t0 = time.perf_counter()
-        (out,) = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
-        seconds += time.perf_counter() - t0
-        records.append(st.request_record(i, out))
-    return {"records": records, "seconds": seconds}
+        for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+            t0 = time.perf_counter()
+            (out,) = engines[label].generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
+            runs[label]["seconds"] += time.perf_counter() - t0
+            runs[label]["records"].append(st.request_record(i, out))
+    return runs
 
 
 def _engine(checkpoint: Path, max_model_len: int, warmup: list[int], verbose: bool, **engine):
@@ -97,7 +101,8 @@ def _engine(checkpoint: Path, max_model_len: int, warmup: list[int], verbose: bo
 
 def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts: int | None = None,
              verbose: bool = False) -> None:
-    """AR then TiDAR in vLLM on ``prompts``; prints the comparison table and the serve command."""
+    """AR and TiDAR in vLLM on ``prompts`` (both engines alive, each prompt on both in turn);
+    prints the comparison table and the serve command."""
     checkpoint = Path(checkpoint)
     settings = read_settings(checkpoint)
     layout = _check(settings, max_tokens, num_drafts)
@@ -132,20 +137,21 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
           f"block length {layout.block_len}, TiDAR up to K={layout.num_drafts} ({layout.num_tokens} query tokens per step), "
           "drafting per step only where the measured step cost says it pays; "
           f"{len(ids)} prompts x {max_tokens} tokens, batch 1, greedy", flush=True)
-    runs = {}
+    engines = {}
     stages = iter(STAGES)
-    with tqdm(total=len(STAGES), unit="stage", dynamic_ncols=True) as bar:
-        for label, engine in modes:
-            bar.set_description(next(stages))
-            llm = _engine(checkpoint, max_model_len, ids[0], verbose, **engine)
-            try:
-                bar.update(1)
+    try:
+        with tqdm(total=len(STAGES), unit="stage", dynamic_ncols=True) as bar:
+            for label, engine in modes:
                 bar.set_description(next(stages))
-                runs[label] = _generate(llm, ids, max_tokens, bar)
+                engines[label] = _engine(checkpoint, max_model_len, ids[0], verbose, **engine)
                 bar.update(1)
-            finally:
-                close_llm(llm)
-        bar.set_postfix_str("")
+            bar.set_description(next(stages))
+            runs = _generate_in_turn(engines, ids, max_tokens, bar)
+            bar.update(1)
+            bar.set_postfix_str("")
+    finally:
+        for llm in engines.values():
+            close_llm(llm)
     (ar_label, _), (tidar_label, _) = modes
     rows = {label: st.summarize(run["records"], run["seconds"], 0 if label == ar_label else layout.num_drafts)
             for label, run in runs.items()}

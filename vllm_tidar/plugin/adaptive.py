@@ -2,9 +2,9 @@
 request K) or a plain AR step that gives the most tokens per second at the current batch
 size, from step costs and draft acceptance measured while serving.
 
-* ``StepCosts`` fits engine-step seconds online, ``c = a_plain + b*T`` for plain steps and
-  ``a_tidar + b*T`` for TiDAR steps (``T`` = tokens scheduled in the step), by exponentially
-  forgetting least squares with a weak prior. The proposer feeds it the wall time between
+* ``StepCosts`` fits engine-step seconds online, ``c = a_plain + b_plain*T`` for plain steps
+  and ``a_tidar + b_tidar*T`` for TiDAR steps (``T`` = tokens scheduled in the step), by
+  exponentially forgetting least squares with a weak prior. The proposer feeds it the wall time between
   its own calls (one call per engine step), skipping steps whose batch changed.
 * ``Acceptance`` keeps, per draft position ``i``, P(draft i accepted | drafts before it
   accepted): a running mean of the outcomes, then a forgetting average; expected tokens per TiDAR step with K
@@ -32,28 +32,34 @@ logger = plugin_logger(__name__)
 
 
 class StepCosts:
-    """Online fit of step seconds: ``a_plain*[plain] + a_tidar*[tidar] + b*tokens``
-    (exponentially forgetting least squares, plain floats: it runs every step). Plain and
-    TiDAR steps are forgotten separately, each only as new steps of its own kind come: a
-    long run of plain steps must not erase what TiDAR steps cost."""
+    """Online fit of step seconds, one line per kind: ``a_plain + b_plain*T`` for plain steps
+    and ``a_tidar + b_tidar*T`` for TiDAR steps (``T`` = tokens scheduled in the step: the
+    batch's requests for a plain step, ``L`` per request for a TiDAR step), each by
+    exponentially forgetting least squares with a weak prior of its own (plain floats: it runs
+    every step). The slopes are separate: a plain step grows per request (sampler, attention
+    and output processing per request), a TiDAR step per scheduled row, about half as much
+    per unit on our CPUs; one shared slope fitted to both mispredicted TiDAR steps at batch 4
+    and made the choice flip between drafting and plain steps. A kind's fit only forgets as
+    new steps of that kind come: a long run of plain steps does not erase what TiDAR steps
+    cost."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
                  decay: float = 0.97, prior_weight: float = 0.1, trust_after: int = 8):
         self.decay = decay
-        # per kind (False: plain, True: TiDAR) sums of x x^T and y x
-        self._a = {k: [[0.0] * 3 for _ in range(3)] for k in (False, True)}
-        self._y = {k: [0.0] * 3 for k in (False, True)}
-        # prior: pseudo-observations that are never forgotten (keep the system solvable)
-        self._a0 = [[0.0] * 3 for _ in range(3)]
-        self._y0 = [0.0] * 3
-        for tidar, tokens in ((False, 1), (False, 64), (True, 72), (True, 576)):
-            x = self._features(tidar, tokens)
+        # per kind (False: plain, True: TiDAR): sums of x x^T and y x over x = (1, T), and the
+        # prior's pseudo-observations (never forgotten: they keep each system solvable)
+        self._a = {k: [[0.0, 0.0], [0.0, 0.0]] for k in (False, True)}
+        self._y = {k: [0.0, 0.0] for k in (False, True)}
+        self._a0 = {k: [[0.0, 0.0], [0.0, 0.0]] for k in (False, True)}
+        self._y0 = {k: [0.0, 0.0] for k in (False, True)}
+        for tidar, tokens in ((False, 1), (False, 16), (True, 72), (True, 576)):
             c = (a_tidar if tidar else a_plain) + per_token * tokens
-            for i in range(3):
-                self._y0[i] += prior_weight * c * x[i]
-                for j in range(3):
-                    self._a0[i][j] += prior_weight * x[i] * x[j]
-        self._coef = _solve3(self._a0, self._y0)
+            x = (1.0, float(tokens))
+            for i in range(2):
+                self._y0[tidar][i] += prior_weight * c * x[i]
+                for j in range(2):
+                    self._a0[tidar][i][j] += prior_weight * x[i] * x[j]
+        self._coef = {k: _solve2(self._a0[k], self._y0[k]) for k in (False, True)}
         self._kind_seen = {False: 0, True: 0}  # steps taken into the fit, per kind
         self.trust_after = trust_after
 
@@ -66,19 +72,15 @@ class StepCosts:
         """Steps of one kind taken into the fit."""
         return self._kind_seen[tidar]
 
-    @staticmethod
-    def _features(tidar: bool, tokens: int) -> tuple[float, float, float]:
-        return (0.0, 1.0, float(tokens)) if tidar else (1.0, 0.0, float(tokens))
-
     @property
-    def coefficients(self) -> tuple[float, float, float]:
-        """(a_plain, a_tidar, per-token) seconds."""
-        return tuple(self._coef)
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """(a_plain, b_plain, a_tidar, b_tidar): seconds, seconds per scheduled token."""
+        return (*self._coef[False], *self._coef[True])
 
     def predict(self, tidar: bool, tokens: int) -> float:
         """Predicted seconds of a step of ``tokens`` scheduled tokens."""
-        x = self._features(tidar, tokens)
-        return max(sum(c * v for c, v in zip(self._coef, x)), 1e-6)
+        a, b = self._coef[tidar]
+        return max(a + b * tokens, 1e-6)
 
     def observe(self, tidar: bool, tokens: int, seconds: float) -> bool:
         """Add one measured step; returns False (ignored) for an outlier such as an idle gap.
@@ -90,30 +92,22 @@ class StepCosts:
         if self._kind_seen[tidar] >= self.trust_after and seconds > 3 * self.predict(tidar, tokens) + 0.02:
             return False
         self._kind_seen[tidar] += 1
-        x = self._features(tidar, tokens)
+        x = (1.0, float(tokens))
         d, a_k, y_k = self.decay, self._a[tidar], self._y[tidar]
-        for i in range(3):
+        for i in range(2):
             y_k[i] = d * y_k[i] + seconds * x[i]
-            for j in range(3):
+            for j in range(2):
                 a_k[i][j] = d * a_k[i][j] + x[i] * x[j]
-        a = [[self._a0[i][j] + self._a[False][i][j] + self._a[True][i][j] for j in range(3)] for i in range(3)]
-        self._coef = _solve3(a, [self._y0[i] + self._y[False][i] + self._y[True][i] for i in range(3)])
+        a0, y0 = self._a0[tidar], self._y0[tidar]
+        self._coef[tidar] = _solve2([[a0[i][j] + a_k[i][j] for j in range(2)] for i in range(2)],
+                                    [y0[i] + y_k[i] for i in range(2)])
         return True
 
 
-def _solve3(a: list[list[float]], y: list[float]) -> list[float]:
-    """x with a @ x = y for a 3 x 3 system (Cramer's rule; the prior keeps it regular)."""
-
-    def det(m):
-        return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-                + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
-
-    d = det(a)
-    out = []
-    for k in range(3):
-        m = [row[:k] + [y[i]] + row[k + 1 :] for i, row in enumerate(a)]
-        out.append(det(m) / d)
-    return out
+def _solve2(a: list[list[float]], y: list[float]) -> tuple[float, float]:
+    """x with a @ x = y for a 2 x 2 system (the prior keeps it regular)."""
+    det = a[0][0] * a[1][1] - a[0][1] * a[1][0]
+    return ((y[0] * a[1][1] - a[0][1] * y[1]) / det, (a[0][0] * y[1] - a[1][0] * y[0]) / det)
 
 
 class Acceptance:
