@@ -2,9 +2,9 @@
 request K) or a plain AR step that gives the most tokens per second at the current batch
 size, from step costs and draft acceptance measured while serving.
 
-* ``StepCosts`` fits engine-step seconds online, ``c = a_plain + b_plain*T`` for plain steps
-  and ``a_tidar + b_tidar*T`` for TiDAR steps (``T`` = tokens scheduled in the step), by
-  exponentially forgetting least squares with a weak prior. The proposer feeds it the wall time between
+* ``StepCosts`` fits engine-step seconds online, ``c = a_plain + b_plain*R`` for plain steps
+  and ``a_tidar + r_tidar*R + b_tidar*T`` for TiDAR steps (``R`` requests, ``T`` tokens
+  scheduled in the step), by exponentially forgetting least squares with a weak prior. The proposer feeds it the wall time between
   its own calls (one call per engine step), skipping steps whose batch changed.
 * ``Acceptance`` keeps, per draft position ``i``, P(draft i accepted | drafts before it
   accepted): a running mean of the outcomes, then a forgetting average; expected tokens per TiDAR step with K
@@ -32,36 +32,45 @@ logger = plugin_logger(__name__)
 
 
 class StepCosts:
-    """Online fit of step seconds, one line per kind: ``a_plain + b_plain*T`` for plain steps
-    and ``a_tidar + b_tidar*T`` for TiDAR steps (``T`` = tokens scheduled in the step: the
-    batch's requests for a plain step, ``L`` per request for a TiDAR step), each by
-    exponentially forgetting least squares with a weak prior of its own (plain floats: it runs
-    every step). The slopes are separate: a plain step grows per request (sampler, attention
-    and output processing per request), a TiDAR step per scheduled row, about half as much
-    per unit on our CPUs; one shared slope fitted to both mispredicted TiDAR steps at batch 4
-    and made the choice flip between drafting and plain steps. A kind's fit only forgets as
-    new steps of that kind come: a long run of plain steps does not erase what TiDAR steps
-    cost."""
+    """Online fit of step seconds, per kind: ``a_plain + b_plain*R`` for plain steps of ``R``
+    requests, ``a_tidar + r_tidar*R + b_tidar*T`` for TiDAR steps of ``R`` requests and ``T``
+    scheduled tokens (``L`` per request), each by exponentially forgetting least squares with
+    a weak prior of its own (plain floats: it runs every step). The kinds do not share terms:
+    a plain step grows per request (sampler, attention and output processing per request), a
+    TiDAR step per request (verification, the proposer's lm_head, the mask rows' attention
+    over the prefix: ~2.5 ms per request on the 2-core Xeon) and per scheduled row (~0.1 ms).
+    A single slope per scheduled token for both kinds, fitted mostly from batch-1 TiDAR steps,
+    predicted a Bl=4 K=3 step at batch 4 ~25% too cheap and made the policy draft where it
+    lost. Until TiDAR steps at more than one batch size are measured, the per-request term is
+    the prior's. A kind's fit only forgets as new steps of that kind come: a long run of plain
+    steps does not erase what TiDAR steps cost."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
-                 decay: float = 0.97, prior_weight: float = 0.1, trust_after: int = 8):
+                 per_request: float = 1e-3, decay: float = 0.97, prior_weight: float = 0.1, trust_after: int = 8):
         self.decay = decay
-        # per kind (False: plain, True: TiDAR): sums of x x^T and y x over x = (1, T), and the
-        # prior's pseudo-observations (never forgotten: they keep each system solvable)
-        self._a = {k: [[0.0, 0.0], [0.0, 0.0]] for k in (False, True)}
-        self._y = {k: [0.0, 0.0] for k in (False, True)}
-        self._a0 = {k: [[0.0, 0.0], [0.0, 0.0]] for k in (False, True)}
-        self._y0 = {k: [0.0, 0.0] for k in (False, True)}
-        for tidar, tokens in ((False, 1), (False, 16), (True, 72), (True, 576)):
-            c = (a_tidar if tidar else a_plain) + per_token * tokens
-            x = (1.0, float(tokens))
-            for i in range(2):
+        # per kind (False: plain, True: TiDAR): sums of x x^T and y x, and the prior's
+        # pseudo-observations (never forgotten: they keep each system solvable)
+        n = {False: 2, True: 3}
+        self._a = {k: [[0.0] * n[k] for _ in range(n[k])] for k in (False, True)}
+        self._y = {k: [0.0] * n[k] for k in (False, True)}
+        self._a0 = {k: [[0.0] * n[k] for _ in range(n[k])] for k in (False, True)}
+        self._y0 = {k: [0.0] * n[k] for k in (False, True)}
+        prior = [(False, 1, 1, a_plain + per_token), (False, 16, 16, a_plain + 16 * per_token)]
+        prior += [(True, r, t, a_tidar + per_request * (r - 1) + per_token * t)
+                  for r, t in ((1, 20), (1, 72), (4, 80), (16, 1152))]
+        for tidar, r, t, c in prior:
+            x = self._features(tidar, r, t)
+            for i in range(len(x)):
                 self._y0[tidar][i] += prior_weight * c * x[i]
-                for j in range(2):
+                for j in range(len(x)):
                     self._a0[tidar][i][j] += prior_weight * x[i] * x[j]
-        self._coef = {k: _solve2(self._a0[k], self._y0[k]) for k in (False, True)}
+        self._coef = {k: _solve(self._a0[k], self._y0[k]) for k in (False, True)}
         self._kind_seen = {False: 0, True: 0}  # steps taken into the fit, per kind
         self.trust_after = trust_after
+
+    @staticmethod
+    def _features(tidar: bool, requests: int, tokens: int) -> tuple[float, ...]:
+        return (1.0, float(requests), float(tokens)) if tidar else (1.0, float(tokens))
 
     @property
     def num_observed(self) -> int:
@@ -73,41 +82,50 @@ class StepCosts:
         return self._kind_seen[tidar]
 
     @property
-    def coefficients(self) -> tuple[float, float, float, float]:
-        """(a_plain, b_plain, a_tidar, b_tidar): seconds, seconds per scheduled token."""
+    def coefficients(self) -> tuple[float, ...]:
+        """(a_plain, b_plain, a_tidar, r_tidar, b_tidar): seconds, per request, per scheduled token."""
         return (*self._coef[False], *self._coef[True])
 
-    def predict(self, tidar: bool, tokens: int) -> float:
-        """Predicted seconds of a step of ``tokens`` scheduled tokens."""
-        a, b = self._coef[tidar]
-        return max(a + b * tokens, 1e-6)
+    def predict(self, tidar: bool, requests: int, tokens: int) -> float:
+        """Predicted seconds of a step of ``requests`` requests, ``tokens`` scheduled tokens."""
+        x = self._features(tidar, requests, tokens)
+        return max(sum(c * v for c, v in zip(self._coef[tidar], x)), 1e-6)
 
-    def observe(self, tidar: bool, tokens: int, seconds: float) -> bool:
+    def observe(self, tidar: bool, requests: int, tokens: int, seconds: float) -> bool:
         """Add one measured step; returns False (ignored) for an outlier such as an idle gap.
         The first ``trust_after`` steps of each kind are always taken: until then the fit is
         mostly the prior, which a larger model or a slower (or loaded) machine exceeds many
         times over, and rejecting against it would keep the fit at the prior for good."""
         if seconds <= 0:
             return False
-        if self._kind_seen[tidar] >= self.trust_after and seconds > 3 * self.predict(tidar, tokens) + 0.02:
+        if self._kind_seen[tidar] >= self.trust_after and seconds > 3 * self.predict(tidar, requests, tokens) + 0.02:
             return False
         self._kind_seen[tidar] += 1
-        x = (1.0, float(tokens))
-        d, a_k, y_k = self.decay, self._a[tidar], self._y[tidar]
-        for i in range(2):
+        x = self._features(tidar, requests, tokens)
+        d, a_k, y_k, n = self.decay, self._a[tidar], self._y[tidar], len(x)
+        for i in range(n):
             y_k[i] = d * y_k[i] + seconds * x[i]
-            for j in range(2):
+            for j in range(n):
                 a_k[i][j] = d * a_k[i][j] + x[i] * x[j]
         a0, y0 = self._a0[tidar], self._y0[tidar]
-        self._coef[tidar] = _solve2([[a0[i][j] + a_k[i][j] for j in range(2)] for i in range(2)],
-                                    [y0[i] + y_k[i] for i in range(2)])
+        self._coef[tidar] = _solve([[a0[i][j] + a_k[i][j] for j in range(n)] for i in range(n)],
+                                   [y0[i] + y_k[i] for i in range(n)])
         return True
 
 
-def _solve2(a: list[list[float]], y: list[float]) -> tuple[float, float]:
-    """x with a @ x = y for a 2 x 2 system (the prior keeps it regular)."""
-    det = a[0][0] * a[1][1] - a[0][1] * a[1][0]
-    return ((y[0] * a[1][1] - a[0][1] * y[1]) / det, (a[0][0] * y[1] - a[1][0] * y[0]) / det)
+def _solve(a: list[list[float]], y: list[float]) -> list[float]:
+    """x with a @ x = y for a small symmetric positive definite system (Gaussian elimination
+    with partial pivoting; the prior keeps it regular)."""
+    n = len(y)
+    m = [row[:] + [y[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[piv] = m[piv], m[c]
+        for r in range(n):
+            if r != c:
+                f = m[r][c] / m[c][c]
+                m[r] = [v - f * w for v, w in zip(m[r], m[c])]
+    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 class Acceptance:
@@ -166,9 +184,9 @@ class DraftPolicy:
     def rate(self, layout: DecodeLayout | None, batch_size: int) -> float:
         """Predicted tokens/s of a step of ``layout`` (None: plain AR) at ``batch_size``."""
         if layout is None:
-            return batch_size / self.costs.predict(False, batch_size)
+            return batch_size / self.costs.predict(False, batch_size, batch_size)
         exp = self.acceptance[layout.block_len].expected_tokens(layout.num_drafts)
-        return batch_size * exp / self.costs.predict(True, batch_size * layout.num_tokens)
+        return batch_size * exp / self.costs.predict(True, batch_size, batch_size * layout.num_tokens)
 
     def best(self, batch_size: int) -> tuple[DecodeLayout | None, float, float]:
         """(layout or None, its tokens/s, plain AR tokens/s) by the current models."""
@@ -196,7 +214,8 @@ class DraftPolicy:
         if lay is None:
             self._off_steps += 1
             probe = self.widest[self.block_lengths[self._probe_turn % len(self.block_lengths)]]
-            ratio = self.costs.predict(True, batch_size * probe.num_tokens) / self.costs.predict(False, batch_size)
+            ratio = (self.costs.predict(True, batch_size, batch_size * probe.num_tokens)
+                     / self.costs.predict(False, batch_size, batch_size))
             if self._off_steps >= 2 * ratio / self.probe_overhead:  # two probe steps per interval
                 self._off_steps, self._probe_turn = 0, self._probe_turn + 1
                 self._probe = [probe]
