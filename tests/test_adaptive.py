@@ -55,6 +55,23 @@ def test_tidar_steps_cost_per_request_and_per_row():
     assert p.best(1)[0] == DecodeLayout(4, 3) and p.best(4)[0] is None and p.best(16)[0] is None
 
 
+def test_measured_step_shapes_override_the_fit_and_tidar_is_never_below_plain():
+    c = StepCosts()
+    for _ in range(50):  # batch 1 only
+        c.observe(False, 1, 1, 10e-3)
+        c.observe(True, 1, 72, 20e-3)
+        c.observe(True, 1, 20, 8e-3)
+    # the TiDAR line through 20 and 72 rows goes under a plain step at 10 rows: floored there
+    assert c.predict(True, 1, 10) == pytest.approx(c.predict(False, 1, 1))
+    assert c.predict(True, 4, 80) < 30e-3  # batch 4 from batch-1 steps: the prior's per-request term
+    for _ in range(c.measured_after):
+        c.observe(True, 4, 80, 40e-3 + 1e-3)
+    c.observe(True, 4, 80, 40e-3 - 4e-3)
+    # measured often enough: the running mean of its own steps, whatever the fit says
+    assert c.predict(True, 4, 80) == pytest.approx(40e-3, rel=1e-6)
+    assert c.predict(True, 1, 20) == pytest.approx(8e-3, rel=1e-6)
+
+
 def test_step_costs_learn_steps_far_above_the_prior():
     """A large model or a loaded machine: steps 20x what the prior predicts are the measurements
     (not outliers) until the fit has seen a few of each kind; then idle gaps are dropped again."""

@@ -42,11 +42,15 @@ class StepCosts:
     A single slope per scheduled token for both kinds, fitted mostly from batch-1 TiDAR steps,
     predicted a Bl=4 K=3 step at batch 4 ~25% too cheap and made the policy draft where it
     lost. Until TiDAR steps at more than one batch size are measured, the per-request term is
-    the prior's. A kind's fit only forgets as new steps of that kind come: a long run of plain
-    steps does not erase what TiDAR steps cost."""
+    the prior's; and a fit whose recent steps are all of one batch size extrapolates poorly to
+    others, so a step shape (kind, requests, tokens) measured ``measured_after`` times is
+    predicted by the running mean of its own measurements (forgetting at the same rate), the
+    fit only filling in shapes not measured yet. A kind's fit only forgets as new steps of that
+    kind come: a long run of plain steps does not erase what TiDAR steps cost."""
 
     def __init__(self, a_plain: float = 5e-3, a_tidar: float = 7e-3, per_token: float = 1.5e-4,
-                 per_request: float = 1e-3, decay: float = 0.97, prior_weight: float = 0.1, trust_after: int = 8):
+                 per_request: float = 1e-3, decay: float = 0.97, prior_weight: float = 0.1, trust_after: int = 8,
+                 measured_after: int = 4):
         self.decay = decay
         # per kind (False: plain, True: TiDAR): sums of x x^T and y x, and the prior's
         # pseudo-observations (never forgotten: they keep each system solvable)
@@ -66,7 +70,11 @@ class StepCosts:
                     self._a0[tidar][i][j] += prior_weight * x[i] * x[j]
         self._coef = {k: _solve(self._a0[k], self._y0[k]) for k in (False, True)}
         self._kind_seen = {False: 0, True: 0}  # steps taken into the fit, per kind
+        # (kind, requests, tokens) -> (running mean of its seconds, steps seen): what a step
+        # of exactly that shape costs; the fit fills in the shapes not measured yet
+        self._measured: dict[tuple[bool, int, int], tuple[float, int]] = {}
         self.trust_after = trust_after
+        self.measured_after = measured_after
 
     @staticmethod
     def _features(tidar: bool, requests: int, tokens: int) -> tuple[float, ...]:
@@ -87,9 +95,18 @@ class StepCosts:
         return (*self._coef[False], *self._coef[True])
 
     def predict(self, tidar: bool, requests: int, tokens: int) -> float:
-        """Predicted seconds of a step of ``requests`` requests, ``tokens`` scheduled tokens."""
+        """Predicted seconds of a step of ``requests`` requests, ``tokens`` scheduled tokens: the
+        running mean of such steps once ``measured_after`` of them are measured, else the fit
+        (never less than the fit's plain step of as many requests: a TiDAR step does all a
+        plain step does and more)."""
+        seen = self._measured.get((tidar, requests, tokens))
+        if seen is not None and seen[1] >= self.measured_after:
+            return seen[0]
         x = self._features(tidar, requests, tokens)
-        return max(sum(c * v for c, v in zip(self._coef[tidar], x)), 1e-6)
+        c = sum(k * v for k, v in zip(self._coef[tidar], x))
+        if tidar:
+            c = max(c, self.predict(False, requests, requests))
+        return max(c, 1e-6)
 
     def observe(self, tidar: bool, requests: int, tokens: int, seconds: float) -> bool:
         """Add one measured step; returns False (ignored) for an outlier such as an idle gap.
@@ -101,6 +118,10 @@ class StepCosts:
         if self._kind_seen[tidar] >= self.trust_after and seconds > 3 * self.predict(tidar, requests, tokens) + 0.02:
             return False
         self._kind_seen[tidar] += 1
+        key = (tidar, requests, tokens)
+        mean, n = self._measured.get(key, (seconds, 0))
+        n += 1
+        self._measured[key] = (mean + max(1.0 / n, 1.0 - self.decay) * (seconds - mean), n)
         x = self._features(tidar, requests, tokens)
         d, a_k, y_k, n = self.decay, self._a[tidar], self._y[tidar], len(x)
         for i in range(n):
