@@ -4,8 +4,9 @@ size, from step costs and draft acceptance measured while serving.
 
 * ``StepCosts`` fits engine-step seconds online, ``c = a_plain + b_plain*R`` for plain steps
   and ``a_tidar + r_tidar*R + b_tidar*T`` for TiDAR steps (``R`` requests, ``T`` tokens
-  scheduled in the step), by exponentially forgetting least squares with a weak prior. The proposer feeds it the wall time between
-  its own calls (one call per engine step), skipping steps whose batch changed.
+  scheduled in the step), by exponentially forgetting least squares with a weak prior, and
+  the running mean of each step shape measured often enough. The proposer feeds it the wall
+  time between its own calls (one call per engine step), skipping steps whose batch changed.
 * ``Acceptance`` keeps, per draft position ``i``, P(draft i accepted | drafts before it
   accepted): a running mean of the outcomes, then a forgetting average; expected tokens per TiDAR step with K
   drafts is ``1 + sum_i prod_{j<=i} alpha_j``.
@@ -38,7 +39,7 @@ class StepCosts:
     a weak prior of its own (plain floats: it runs every step). The kinds do not share terms:
     a plain step grows per request (sampler, attention and output processing per request), a
     TiDAR step per request (verification, the proposer's lm_head, the mask rows' attention
-    over the prefix: ~2.5 ms per request on the 2-core Xeon) and per scheduled row (~0.1 ms).
+    over the prefix: ~1.8 ms per request on the 2-core Xeon) and per scheduled row (~0.12 ms).
     A single slope per scheduled token for both kinds, fitted mostly from batch-1 TiDAR steps,
     predicted a Bl=4 K=3 step at batch 4 ~25% too cheap and made the policy draft where it
     lost. Until TiDAR steps at more than one batch size are measured, the per-request term is
@@ -71,7 +72,8 @@ class StepCosts:
         self._coef = {k: _solve(self._a0[k], self._y0[k]) for k in (False, True)}
         self._kind_seen = {False: 0, True: 0}  # steps taken into the fit, per kind
         # (kind, requests, tokens) -> (running mean of its seconds, steps seen): what a step
-        # of exactly that shape costs; the fit fills in the shapes not measured yet
+        # of exactly that shape costs; the fit fills in the shapes not measured yet (at most
+        # max_num_seqs x (layouts + 1) keys)
         self._measured: dict[tuple[bool, int, int], tuple[float, int]] = {}
         self.trust_after = trust_after
         self.measured_after = measured_after
@@ -97,8 +99,8 @@ class StepCosts:
     def predict(self, tidar: bool, requests: int, tokens: int) -> float:
         """Predicted seconds of a step of ``requests`` requests, ``tokens`` scheduled tokens: the
         running mean of such steps once ``measured_after`` of them are measured, else the fit
-        (never less than the fit's plain step of as many requests: a TiDAR step does all a
-        plain step does and more)."""
+        (a TiDAR step never less than a plain step of as many requests: it does all a plain
+        step does and more)."""
         seen = self._measured.get((tidar, requests, tokens))
         if seen is not None and seen[1] >= self.measured_after:
             return seen[0]
