@@ -302,9 +302,9 @@ def run_interleaved(methods: list[Method], engines: dict, args, prompts: list[li
                 runs[m.name][b] = {"records": [], "seconds": 0.0}
             for start in range(0, len(prompts), b):
                 chunk = prompts[start : start + b]
-                shift = turn % len(methods)
+                order = st.in_turn(methods, turn)
                 turn += 1
-                for m in methods[shift:] + methods[:shift]:
+                for m in order:
                     if m.name not in engines:
                         continue
                     run = runs[m.name][b]

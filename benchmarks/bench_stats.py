@@ -18,6 +18,14 @@ import math
 from collections.abc import Sequence
 
 
+def in_turn(items: list, turn: int) -> list:
+    """``items`` starting at ``turn % len(items)`` and wrapping round: the order in which the
+    engines of an A/B run take batch ``turn``, so no engine always runs first or after the same
+    other one."""
+    k = turn % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def request_record(index: int, out) -> dict:
     """The record of one finished ``vllm.RequestOutput`` (prompt ``index``) that the functions below read."""
     comp = out.outputs[0]

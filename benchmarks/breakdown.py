@@ -33,6 +33,8 @@ from pathlib import Path
 from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 
+from .bench_stats import in_turn
+
 PARTS = ("schedule", "inputs", "attention", "forward", "logits", "sample", "propose", "update", "other")
 
 
@@ -170,9 +172,8 @@ def measure(ckpt: Path, engines: list[tuple[str, dict]], prompts, batch_sizes, m
             # warm-up: the first batch size once in full, so the timed steps are not the engine's first
             llm.generate([{"prompt_token_ids": p} for p in prompts[: batch_sizes[0]]], sp, use_tqdm=False)
             live[label] = (llm, StepTimers(llm))
-        labels = list(live)
         for n, b in enumerate(batch_sizes):
-            for label in labels[n % len(labels):] + labels[: n % len(labels)]:
+            for label in in_turn(list(live), n):
                 llm, timers = live[label]
                 timers.steps.clear()
                 llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], sp, use_tqdm=False)
@@ -188,7 +189,7 @@ def measure(ckpt: Path, engines: list[tuple[str, dict]], prompts, batch_sizes, m
         for llm, timers in live.values():
             timers.restore()
             close_llm(llm)
-    return {label: {b: out[label][b] for b in batch_sizes if b in out[label]} for label in out}
+    return out
 
 
 def markdown(results: dict, meta: dict) -> str:

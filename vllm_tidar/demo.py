@@ -67,10 +67,9 @@ def _generate_in_turn(engines: dict, prompts: list[list[int]], max_tokens: int, 
 
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     runs = {label: {"records": [], "seconds": 0.0} for label in engines}
-    labels = list(engines)
     for i, p in enumerate(prompts):
         bar.set_postfix_str(f"prompt {i + 1}/{len(prompts)}")
-        for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+        for label in st.in_turn(list(engines), i):
             t0 = time.perf_counter()
             (out,) = engines[label].generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
             runs[label]["seconds"] += time.perf_counter() - t0

@@ -79,7 +79,7 @@ class TiDARProposer:
         self.model = None
         self._layout: DecodeLayout | None = self.max_layout  # of the step being verified now
         self._real: list[bool] = []  # per batch row: that step's drafts were real (not all MASK)
-        self._last: tuple[bool, int, int, int] | None = None  # (TiDAR step, tokens, batch rows, requests) proposed last
+        self._last: tuple[bool, int, int, int] | None = None  # (TiDAR step, requests, tokens, batch rows) proposed last
         self._t = 0.0
         self._num_tokens: list[int] | None = None  # per batch row, tokens (no drafts) at the last call
 
@@ -96,12 +96,12 @@ class TiDARProposer:
         num_tokens = [int(x) for x in num_tokens_no_spec[:n]] if num_tokens_no_spec is not None else None
         # the step just run is the one proposed last time iff every row only grew by what it
         # sampled (a new request in a row, a prefill or a preemption breaks that)
-        steady = (self._last is not None and self._last[2] == n and num_tokens is not None
+        steady = (self._last is not None and self._last[3] == n and num_tokens is not None
                   and self._num_tokens is not None and len(self._num_tokens) == n
                   and all(t and num_tokens[i] - self._num_tokens[i] == len(t) for i, t in enumerate(sampled_token_ids)))
         self._num_tokens = num_tokens
         if steady:  # measure it
-            self.policy.costs.observe(self._last[0], self._last[3], self._last[1], now - self._t)
+            self.policy.costs.observe(*self._last[:3], now - self._t)
             acc = self.policy.acceptance.get(self._layout.block_len) if self._layout is not None else None
             for i, toks in enumerate(sampled_token_ids):
                 if acc is not None and i < len(self._real) and self._real[i]:
@@ -128,6 +128,6 @@ class TiDARProposer:
             self.model.tidar_use_layout(nxt)
         self._layout = nxt
         self._real = real
-        self._last = (nxt is not None, active * (nxt.num_tokens if nxt is not None else 1), n, active)
+        self._last = (nxt is not None, active, active * (nxt.num_tokens if nxt is not None else 1), n)
         self._t = now
         return out
