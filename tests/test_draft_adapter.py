@@ -199,6 +199,7 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
         x = torch.randn(n * 10, 16, generator=g)
         vad.set_blocks(n, 10, 4)
         assert vad.split
+        assert not root.blk.o_proj._forward_hooks  # the merged GEMM replaced the low-rank hook
         out = root.blk.o_proj(x).view(n, 10, -1)
         xv = x.view(n, 10, -1)
         assert torch.equal(out[:, :4], base(xv[:, :4].reshape(-1, 16), None, None).view(n, 4, -1))

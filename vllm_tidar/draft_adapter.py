@@ -201,6 +201,7 @@ class VLLMDraftAdapter:
         self._merged: dict[str, nn.Module] = {}  # target -> holder of the packed W + (A B)^T
         self.split = False  # mask rows run on the merged weights
         self._routed: torch.Tensor | None = None
+        self._hooks = []  # the low-rank path's forward hooks (removed once merged weights take over)
         modules = dict(model.named_modules())
         groups: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, pair in adapter.pairs().items():
@@ -229,7 +230,7 @@ class VLLMDraftAdapter:
             a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
             self.pairs[target] = (a, b)
             self.modules[target] = module
-            module.register_forward_hook(self._hook(a, b))
+            self._hooks.append(module.register_forward_hook(self._hook(a, b)))
 
     def merge_base(self) -> None:
         """On the CPU, after the model's weights are loaded (vLLM's CPU GEMM dispatch then
@@ -254,7 +255,7 @@ class VLLMDraftAdapter:
         self._merged = merged
 
     def _install_split(self) -> None:
-        """Once, at the first adapted forward: wrap each adapted layer's CPU GEMM
+        """Once, at the first forward: wrap each adapted layer's CPU GEMM
         (``cpu_linear``, set by vLLM once weights are processed) so mask rows run on the merged
         weight. Without merged weights (or ``cpu_linear``) the hook path stays."""
         if self.split or not self._merged:
@@ -265,10 +266,12 @@ class VLLMDraftAdapter:
         for target, module in self.modules.items():
             module.cpu_linear = self._split_linear(module.cpu_linear, self._merged[target])
         self.split = True
+        for hook in self._hooks:  # every row now runs through the wrapped GEMM: a forward hook
+            hook.remove()         # would only cost each layer call (plain steps too) its slow path
+        self._hooks = []
 
     def set_rows(self, rows: torch.Tensor | None, weight: torch.Tensor | None = None) -> None:
-        if rows is not None:
-            self._install_split()
+        self._install_split()  # at the first forward: plain steps then run hook-free too
         self.rows, self.weight, self.blocks = rows, weight, None
         self._routed = None  # token rows of the merged GEMM, found by the first adapted layer
 
@@ -311,7 +314,7 @@ class VLLMDraftAdapter:
     def _hook(self, a: torch.Tensor, b: torch.Tensor):
         def add_delta(_module, inputs, output):
             blocks, rows = self.blocks, self.rows
-            if (blocks is None and rows is None) or self.split:
+            if blocks is None and rows is None:
                 return output
             out = output[0] if isinstance(output, tuple) else output
             x = inputs[0]

@@ -70,6 +70,7 @@ class StepCosts:
                 for j in range(len(x)):
                     self._a0[tidar][i][j] += prior_weight * x[i] * x[j]
         self._coef = {k: _solve(self._a0[k], self._y0[k]) for k in (False, True)}
+        self._stale = {False: False, True: False}  # steps added since the kind was last solved
         self._kind_seen = {False: 0, True: 0}  # steps taken into the fit, per kind
         # (kind, requests, tokens) -> (running mean of its seconds, steps seen): what a step
         # of exactly that shape costs; the fit fills in the shapes not measured yet (at most
@@ -94,7 +95,18 @@ class StepCosts:
     @property
     def coefficients(self) -> tuple[float, ...]:
         """(a_plain, b_plain, a_tidar, r_tidar, b_tidar): seconds, per request, per scheduled token."""
-        return (*self._coef[False], *self._coef[True])
+        return (*self._fit(False), *self._fit(True))
+
+    def _fit(self, tidar: bool) -> list[float]:
+        """The kind's coefficients, solved when first needed after new steps (a steady batch
+        size predicts from its measured shapes, so most steps need no solve)."""
+        if self._stale[tidar]:
+            a, y, a0, y0 = self._a[tidar], self._y[tidar], self._a0[tidar], self._y0[tidar]
+            n = len(y)
+            self._coef[tidar] = _solve([[a0[i][j] + a[i][j] for j in range(n)] for i in range(n)],
+                                       [y0[i] + y[i] for i in range(n)])
+            self._stale[tidar] = False
+        return self._coef[tidar]
 
     def predict(self, tidar: bool, requests: int, tokens: int) -> float:
         """Predicted seconds of a step of ``requests`` requests, ``tokens`` scheduled tokens: the
@@ -105,7 +117,7 @@ class StepCosts:
         if seen is not None and seen[1] >= self.measured_after:
             return seen[0]
         x = self._features(tidar, requests, tokens)
-        c = sum(k * v for k, v in zip(self._coef[tidar], x))
+        c = sum(k * v for k, v in zip(self._fit(tidar), x))
         if tidar:
             c = max(c, self.predict(False, requests, requests))
         return max(c, 1e-6)
@@ -130,9 +142,7 @@ class StepCosts:
             y_k[i] = d * y_k[i] + seconds * x[i]
             for j in range(n):
                 a_k[i][j] = d * a_k[i][j] + x[i] * x[j]
-        a0, y0 = self._a0[tidar], self._y0[tidar]
-        self._coef[tidar] = _solve([[a0[i][j] + a_k[i][j] for j in range(n)] for i in range(n)],
-                                   [y0[i] + y_k[i] for i in range(n)])
+        self._stale[tidar] = True
         return True
 
 
