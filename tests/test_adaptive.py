@@ -159,6 +159,27 @@ def test_policy_drafts_first_then_probes_while_off():
     assert {picks[i].block_len for i in probes} == {8, 4}  # taking turns
 
 
+def test_policy_spaces_probes_out_while_they_confirm_plain_ar():
+    """Each probe pair that still finds plain AR faster doubles the gap to the next one at that
+    batch size, up to ``max_backoff``; once drafting wins there the gap starts over."""
+    p = _policy(per_token=2e-4, alpha=0.3, bls=(4,))
+    assert p.max_backoff == 4
+    picks = [p.choose(4) for _ in range(12000)]
+    starts = [i for i, x in enumerate(picks) if x is not None][::2]  # first step of each pair
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) >= 3
+    unit = starts[0]  # plain steps before the first probe: the interval without backoff
+    assert [round(g / unit) for g in gaps[:3]] == [2, 4, 4]
+    slow = p.costs
+    p.costs, p.acceptance[4].alpha = _costs(4e-3, 4e-3, 1e-6), [0.95] * 3  # now drafting wins at batch 4
+    assert [p.choose(4) for _ in range(3)][-1] == DecodeLayout(4, 3)  # (the first may end a probe pair)
+    p.costs, p.acceptance[4].alpha = slow, [0.3] * 3
+    picks = [p.choose(4) for _ in range(2 * unit + 10)]
+    # (the first pick may finish a pair begun before the switch)
+    first = next(i for i in range(1, len(picks)) if picks[i] is not None and picks[i - 1] is None)
+    assert abs(first - unit) <= 2  # the first probe after that comes after one plain interval
+
+
 def test_policy_measures_plain_steps_before_trusting_and_while_drafting():
     """A plain cost fitted from one slow plain step (say, the first after start) would keep
     drafting on where it loses: the policy first takes plain steps until the fit has

@@ -17,7 +17,9 @@ size, from step costs and draft acceptance measured while serving.
   length). Until ``warmup`` draft outcomes are seen for a block length it drafts with its
   largest K (the measurement needs drafting steps), then takes plain steps until the cost
   fit has ``trust_after`` of them; while drafting is off it probes every so often (two
-  TiDAR steps, spaced so probes cost at most ``probe_overhead`` of the time), and while it
+  TiDAR steps, spaced so probes cost at most ``probe_overhead`` of the time; each probe that
+  still finds plain AR faster doubles the spacing at that batch size, up to ``max_backoff``
+  times, and one that finds drafting faster resets it), and while it
   drafts, one step in ``1 / probe_overhead`` is plain: a plain cost measured on a few odd
   steps (one slow step right after start) must not keep drafting on where it loses.
   A fixed schedule (``num_speculative_tokens_per_batch_size``) or ``VLLM_TIDAR_ADAPTIVE=0``
@@ -198,7 +200,7 @@ class DraftPolicy:
 
     def __init__(self, layouts: list[DecodeLayout], schedule: list[DecodeLayout | None] | None = None,
                  costs: StepCosts | None = None, acceptance: dict[int, Acceptance] | None = None,
-                 margin: float = 1.05, warmup: int = 32, probe_overhead: float = 0.02):
+                 margin: float = 1.05, warmup: int = 32, probe_overhead: float = 0.02, max_backoff: int = 4):
         self.layouts = sorted(layouts, key=lambda lay: (lay.block_len, lay.num_drafts), reverse=True)
         self.block_lengths = sorted({lay.block_len for lay in self.layouts}, reverse=True)
         # the largest K of each block length (warm-up and probes draft with it)
@@ -208,6 +210,9 @@ class DraftPolicy:
         self.costs = costs or StepCosts()
         self.acceptance = acceptance or {bl: Acceptance(w.num_drafts) for bl, w in self.widest.items()}
         self.margin, self.warmup, self.probe_overhead = margin, warmup, probe_overhead
+        self.max_backoff = max_backoff
+        self._backoff: dict[int, int] = {}  # batch size -> probe interval factor (doubles while probes confirm plain)
+        self._probed: int | None = None  # batch size of the probe pair just taken
         self._off_steps = 0  # consecutive plain steps chosen
         self._on_steps = 0  # drafting steps since the last plain one
         self._probe: list[DecodeLayout] = []
@@ -244,17 +249,23 @@ class DraftPolicy:
         if self._probe:
             return self._probe.pop()
         lay, rate, plain = self.best(batch_size)
+        if self._probed == batch_size and lay is None:  # the probe confirmed plain AR: space the next one out
+            self._backoff[batch_size] = min(2 * self._backoff.get(batch_size, 1), self.max_backoff)
+        self._probed = None
         if lay is None:
             self._off_steps += 1
             probe = self.widest[self.block_lengths[self._probe_turn % len(self.block_lengths)]]
             ratio = (self.costs.predict(True, batch_size, batch_size * probe.num_tokens)
                      / self.costs.predict(False, batch_size, batch_size))
-            if self._off_steps >= 2 * ratio / self.probe_overhead:  # two probe steps per interval
+            interval = 2 * ratio / self.probe_overhead * self._backoff.get(batch_size, 1)
+            if self._off_steps >= interval:  # two probe steps per interval
                 self._off_steps, self._probe_turn = 0, self._probe_turn + 1
                 self._probe = [probe]
+                self._probed = batch_size
                 return probe
         else:
             self._off_steps = 0
+            self._backoff.pop(batch_size, None)
             self._on_steps += 1
             if self._on_steps * self.probe_overhead >= 1:  # a plain step now and then keeps its cost current
                 self._on_steps = 0
