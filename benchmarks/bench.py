@@ -285,6 +285,14 @@ def warm_up(llm, args, prompts: list[list[int]]) -> None:
         llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], warm, use_tqdm=False)
 
 
+def adaptive_policy_start(llm) -> dict:
+    """How the adaptive engine's policy started: the per-machine cache file it used (None: the
+    cache is off) and the steps it restored from it (0: a cold start)."""
+    drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
+    cache = drafter.cache
+    return {"cache": str(cache.path) if cache is not None else None, "restored_steps": cache.restored_steps if cache else 0}
+
+
 def run_interleaved(methods: list[Method], engines: dict, args, prompts: list[list[int]], progress, failed) -> dict:
     """Every round, batch size and batch of prompts on every engine in turn (the order rotates
     from batch to batch), so all methods see the same machine speed within seconds of each other;
@@ -367,6 +375,18 @@ def _f(x, fmt: str = ".1f", none: str = "—") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _policy_line(start: dict | None) -> list[str]:
+    if start is None:
+        return []
+    if start["cache"] is None:
+        how = "cold (`VLLM_TIDAR_POLICY_CACHE=0`)"
+    elif start["restored_steps"]:
+        how = f"from this machine's policy cache ({start['restored_steps']} measured steps, `{start['cache']}`)"
+    else:
+        how = f"cold (no policy cache yet at `{start['cache']}`)"
+    return [f"Adaptive drafting started {how}.", ""]
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# vllm-tidar bench: {meta['machine']}",
@@ -379,6 +399,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"({os.cpu_count()} cores; a load above {os.cpu_count()} means other processes competed for them)."
            if None not in meta["load_average"].values() else "."),
         "",
+        *_policy_line(meta.get("adaptive_policy_start")),
         "| method | batch | tokens/s | speedup vs AR | TPOT p50 / p95 (ms) | TTFT p50 (ms) | tokens/forward | acceptance per draft position | = AR |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
@@ -561,12 +582,15 @@ def main(argv: list[str] | None = None) -> int:
         if llm is not None:  # its engine core only: the others still use the process's distributed state
             llm.llm_engine.engine_core.shutdown()
 
+    policy_start = None
     try:
         with tqdm(total=len(methods), desc="starting engines", unit="engine", dynamic_ncols=True) as bar:
             for m in methods:
                 bar.set_postfix_str(m.name)
                 try:
                     engines[m.name], build_s[m.name] = build_engine(m, args, ckpt, max_model_len)
+                    if m.name == "tidar-adaptive":
+                        policy_start = adaptive_policy_start(engines[m.name])
                     warm_up(engines[m.name], args, prompts)
                 except Exception as e:
                     failed(m, e)
@@ -605,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "total_s": time.perf_counter() - t_start,
         "load_average": {"start": load_start, "end": _loadavg()},
+        "adaptive_policy_start": policy_start,
     }
     md = markdown(rows, meta)
     (out / "results.md").write_text(md)

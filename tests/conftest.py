@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vllm_tidar.checkpoint import TidarSettings
 
 DEMO = Path(__file__).resolve().parents[1] / "vllm_tidar" / "checkpoints" / "demo"
+# engines under test start cold: no adaptive-policy state from this machine's earlier runs
+# (tests that check the cache point it at a temporary folder)
+os.environ["VLLM_TIDAR_POLICY_CACHE"] = "0"
 
 
 def pytest_configure(config):

@@ -204,6 +204,114 @@ def test_policy_measures_plain_steps_before_trusting_and_while_drafting():
     assert all(x == DecodeLayout(4, 3) for x in picks if x is not None) and 10 <= plain <= 30
 
 
+def _trained_policy():
+    """A policy that has measured plain AR winning at batch 4 and drafting winning at batch 1."""
+    p = _policy(per_token=2e-4, alpha=0.3, bls=(8, 4))
+    for bl in (8, 4):
+        p.acceptance[bl] = Acceptance(bl - 1, prior=0.6)
+        for i in range(400):
+            p.acceptance[bl].observe(bl - 1, i % bl)
+    p._backoff[4] = 2
+    return p
+
+
+def test_policy_state_round_trips_and_a_restored_policy_needs_no_warmup():
+    import json
+
+    p = _trained_policy()
+    state = json.loads(json.dumps(p.state()))  # what the cache file holds
+    q = DraftPolicy(_layouts(8, 4))
+    assert q.choose(4) == DecodeLayout(8, 7)  # cold: drafts to measure acceptance first
+    q = DraftPolicy(_layouts(8, 4))
+    q.load_state(state)
+    assert q.state() == json.loads(json.dumps(p.state()))
+    assert q.costs.coefficients == pytest.approx(p.costs.coefficients)
+    for b in (1, 2, 4, 8, 16):
+        assert q.best(b) == p.best(b)
+        assert q.costs.predict(True, b, 20 * b) == p.costs.predict(True, b, 20 * b)
+    assert q.choose(4) == p.choose(4) is None  # no warm-up: plain AR at batch 4 right away
+    assert q._backoff == {4: 2}
+    # a state for fewer block lengths: the missing one starts cold, the rest is taken
+    state["acceptance"].pop("4")
+    r = DraftPolicy(_layouts(8, 4))
+    r.load_state(state)
+    assert r.acceptance[4].num_observed == 0 and r.acceptance[8].alpha == p.acceptance[8].alpha
+
+
+def test_malformed_policy_state_leaves_the_policy_as_it_was():
+    p = _trained_policy()
+    state = p.state()
+    state["costs"]["sums"]["tidar"]["y"] = [1.0, 2.0]  # wrong shape
+    q = DraftPolicy(_layouts(8, 4))
+    before = q.state()
+    with pytest.raises(ValueError):
+        q.load_state(state)
+    assert q.state() == before
+
+
+def _cache(folder, **identity):
+    from vllm_tidar.plugin.policy_cache import PolicyCache
+
+    ident = {"machine": {"cpu": "x"}, "checkpoint": {"model": "/ckpt/demo"}, "engine": {"dtype": "float32"}}
+    ident.update(identity)
+    return PolicyCache(folder, ident)
+
+
+def test_policy_cache_saves_restores_and_keys_by_identity(tmp_path):
+    p = _trained_policy()
+    c = _cache(tmp_path)
+    c.save(p)
+    assert c.path.parent == tmp_path and c.path.name.startswith("demo-") and c.path.suffix == ".json"
+    q = DraftPolicy(_layouts(8, 4))
+    assert _cache(tmp_path).restore(q)
+    assert q.state() == p.state()
+    other = _cache(tmp_path, machine={"cpu": "y"})  # another machine: another file, cold
+    assert other.path != c.path and not other.restore(DraftPolicy(_layouts(8, 4)))
+    # saves only every save_every seconds, and only after new measurements
+    mtime = c.path.stat().st_mtime_ns
+    c.maybe_save(p, now=c._saved_at + 1e6)
+    assert c.path.stat().st_mtime_ns == mtime  # nothing new measured
+    p.costs.observe(False, 4, 4, 5e-3)
+    c.maybe_save(p, now=c._saved_at + 1)
+    assert _cache(tmp_path).restore(q) and q.costs.num_observed == p.costs.num_observed - 1
+    c.maybe_save(p, now=c._saved_at + c.save_every)
+    assert _cache(tmp_path).restore(q) and q.costs.num_observed == p.costs.num_observed
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_policy_cache_ignores_a_bad_file_and_survives_an_unwritable_folder(tmp_path, caplog):
+    import logging
+
+    c = _cache(tmp_path)
+    tmp_path.joinpath(c.path.name).write_text("{not json")
+    q = DraftPolicy(_layouts(8, 4))
+    before = q.state()
+    with caplog.at_level(logging.WARNING, logger="vllm"):
+        assert not c.restore(q)
+    assert q.state() == before and "ignoring the cached policy" in caplog.text
+    c.save(_trained_policy())  # the next save replaces it
+    assert _cache(tmp_path).restore(q)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    bad = _cache(blocked / "sub")  # its folder cannot be made
+    with caplog.at_level(logging.WARNING, logger="vllm"):
+        bad.save(_trained_policy())
+    assert "cannot write the policy cache" in caplog.text and not bad.path.exists()
+
+
+def test_policy_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    from vllm_tidar.plugin.policy_cache import cache_dir
+
+    monkeypatch.setenv("VLLM_TIDAR_POLICY_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    for off in ("0", "off"):
+        monkeypatch.setenv("VLLM_TIDAR_POLICY_CACHE", off)
+        assert cache_dir() is None
+    monkeypatch.delenv("VLLM_TIDAR_POLICY_CACHE")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "root"))
+    assert cache_dir() == tmp_path / "root" / "tidar_policy"
+
+
 def test_fixed_schedule_overrides_the_policy():
     seven, three = DecodeLayout(8, 7), DecodeLayout(8, 3)
     p = DraftPolicy(_layouts(8), schedule=[None, seven, three, three, None])
@@ -268,9 +376,10 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
 
 
 @pytest.mark.slow
-def test_engine_adaptive_default_is_lossless():
+def test_engine_adaptive_default_is_lossless(tmp_path, monkeypatch):
     """The product default (adaptive, K chosen from measured costs) on a mixed-length batch:
-    greedy output identical to AR."""
+    greedy output identical to AR; what the policy measured is cached for this machine and
+    checkpoint, and a proposer built again for the engine restores it."""
     from vllm import SamplingParams
 
     from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
@@ -279,16 +388,28 @@ def test_engine_adaptive_default_is_lossless():
     prompts = prompt_set(ckpt, 6, seed=4)
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     want = _ar_outputs(ckpt, prompts, sp)
+    monkeypatch.setenv("VLLM_TIDAR_POLICY_CACHE", str(tmp_path))
     llm = make_llm(ckpt, adaptive=True)
     try:
-        drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        drafter = runner.drafter
         assert drafter.policy.schedule is None
+        assert drafter.cache is not None and not drafter.cache.path.exists()  # a cold start
         got = token_ids(generate(llm, prompts, sp))
         assert drafter.policy.costs.num_observed > 0 and drafter.policy.acceptance[4].num_observed > 0
+        drafter.cache.save(drafter.policy)  # (what the exit hook does)
+        # an engine started again on this machine with this checkpoint starts where this one stopped
+        from vllm_tidar.plugin.proposer import TiDARProposer
+
+        again = TiDARProposer(runner.vllm_config)
+        assert again.cache.path == drafter.cache.path
+        assert again.policy.state() == drafter.policy.state()
     finally:
         close_llm(llm)
     assert got == want
     assert drafter.policy.layouts == [DecodeLayout(4, k) for k in (3, 2, 1)]
+    ident = __import__("json").loads(drafter.cache.path.read_text())["identity"]
+    assert ident["checkpoint"]["model"] == str(ckpt.resolve()) and ident["engine"]["block_length"] == 4
 
 
 @pytest.mark.slow

@@ -243,7 +243,9 @@ def test_bench_end_to_end_tiny(tmp_path, capsys):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
     assert md in printed and "| TiDAR K=3 | 2 |" in md and "EAGLE-3 skipped" in md
+    assert "Adaptive drafting started cold (`VLLM_TIDAR_POLICY_CACHE=0`)." in md  # (the tests' setting)
     data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["adaptive_policy_start"] == {"cache": None, "restored_steps": 0}
     rows = data["rows"]
     assert [(r["method"], r["batch_size"]) for r in rows] == [
         (m, b) for m in ("ar", "tidar-adaptive", "tidar-k3", "ngram") for b in (1, 2)

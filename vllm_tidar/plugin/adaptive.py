@@ -147,6 +147,33 @@ class StepCosts:
         self._stale[tidar] = True
         return True
 
+    def state(self) -> dict:
+        """What was measured (JSON-able; the prior and the settings are not part of it)."""
+        kinds = ("plain", "tidar")
+        return {
+            "sums": {name: {"a": self._a[k], "y": self._y[k]} for name, k in zip(kinds, (False, True))},
+            "seen": {name: self._kind_seen[k] for name, k in zip(kinds, (False, True))},
+            "measured": [[int(t), r, n, mean, cnt] for (t, r, n), (mean, cnt) in self._measured.items()],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Take over ``state()`` of an earlier engine; raises ``KeyError``/``ValueError`` on a
+        malformed one and then leaves this fit as it was."""
+        sums, seen, measured = {}, {}, {}
+        for name, k in (("plain", False), ("tidar", True)):
+            a = [[float(v) for v in row] for row in state["sums"][name]["a"]]
+            y = [float(v) for v in state["sums"][name]["y"]]
+            if len(y) != len(self._y[k]) or any(len(row) != len(y) for row in a) or len(a) != len(y):
+                raise ValueError(f"{name} sums have the wrong shape")
+            sums[k] = (a, y)
+            seen[k] = int(state["seen"][name])
+        for t, r, n, mean, cnt in state["measured"]:
+            measured[(bool(t), int(r), int(n))] = (float(mean), int(cnt))
+        for k, (a, y) in sums.items():
+            self._a[k], self._y[k], self._stale[k] = a, y, True
+        self._kind_seen = seen
+        self._measured = measured
+
 
 def _solve(a: list[list[float]], y: list[float]) -> list[float]:
     """x with a @ x = y for a small symmetric positive definite system (Gaussian elimination
@@ -185,6 +212,19 @@ class Acceptance:
             rate = max(1.0 / (self._seen[i] + 1), 1.0 - self.decay)
             self.alpha[i] += rate * (hit - self.alpha[i])
 
+    def state(self) -> dict:
+        return {"alpha": list(self.alpha), "seen": list(self._seen), "observed": self.num_observed}
+
+    def load_state(self, state: dict) -> None:
+        """Take over ``state()`` of an earlier engine (as many positions as both have)."""
+        alpha = [min(max(float(a), 0.0), 1.0) for a in state["alpha"]]
+        seen = [int(n) for n in state["seen"]]
+        if len(alpha) != len(seen):
+            raise ValueError("acceptance state: alpha and seen differ in length")
+        m = min(len(alpha), len(self.alpha))
+        self.alpha[:m], self._seen[:m] = alpha[:m], seen[:m]
+        self.num_observed = int(state["observed"])
+
     def expected_tokens(self, k: int) -> float:
         """Tokens a TiDAR step with ``k`` drafts commits on average (1 + accepted)."""
         total, p = 1.0, 1.0
@@ -218,6 +258,29 @@ class DraftPolicy:
         self._probe: list[DecodeLayout] = []
         self._probe_turn = 0
         self._logged: dict[int, tuple[int, int]] = {}
+
+    def state(self) -> dict:
+        """What the policy has measured: step costs, acceptance per block length, probe backoff."""
+        return {"costs": self.costs.state(),
+                "acceptance": {str(bl): acc.state() for bl, acc in self.acceptance.items()},
+                "backoff": {str(b): f for b, f in self._backoff.items()}}
+
+    def load_state(self, state: dict) -> None:
+        """Start from ``state()`` of an earlier engine (a block length it did not serve starts
+        cold); raises ``KeyError``/``ValueError``/``TypeError`` on a malformed state."""
+        costs = StepCosts()
+        costs.load_state(state["costs"])
+        acceptance = {}
+        for bl, acc in self.acceptance.items():
+            if str(bl) in state["acceptance"]:
+                fresh = Acceptance(len(acc.alpha), decay=acc.decay)
+                fresh.load_state(state["acceptance"][str(bl)])
+                acceptance[bl] = fresh
+        backoff = {int(b): min(int(f), self.max_backoff) for b, f in state["backoff"].items()}
+        self.costs.load_state(costs.state())
+        for bl, acc in acceptance.items():
+            self.acceptance[bl] = acc
+        self._backoff = backoff
 
     def rate(self, layout: DecodeLayout | None, batch_size: int) -> float:
         """Predicted tokens/s of a step of ``layout`` (None: plain AR) at ``batch_size``."""

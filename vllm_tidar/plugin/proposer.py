@@ -15,13 +15,15 @@ are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
 The wall time between two calls is one engine step: it feeds the policy's cost model
 (only steps that ran exactly what was proposed last time: every batch row grew by just its
 sampled tokens, so prefills, new requests and idle gaps are skipped), and the accepted
-counts of real drafts feed its acceptance model. The lm_head runs on the next drafts only
+counts of real drafts feed its acceptance model; both persist per machine
+(``policy_cache``). The lm_head runs on the next drafts only
 after the layout is chosen, on block ``a`` of each request (``model.tidar_next_drafts``), and
 not at all before a plain AR step.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 
@@ -29,6 +31,7 @@ from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout
 from .adaptive import DraftPolicy
+from .policy_cache import PolicyCache
 
 
 def draft_schedule(vllm_config, block_len: int, max_drafts: int) -> list[DecodeLayout | None] | None:
@@ -75,6 +78,11 @@ class TiDARProposer:
         k_max = self.max_layout.num_drafts
         self.policy = DraftPolicy(candidate_layouts(self.settings, self.max_layout),
                                   schedule=draft_schedule(vllm_config, bl, k_max))
+        # adaptive: start from what an earlier engine measured on this machine (policy_cache)
+        self.cache = PolicyCache.for_engine(vllm_config, bl) if self.policy.schedule is None else None
+        if self.cache is not None:
+            self.cache.restore(self.policy)
+            atexit.register(self.cache.save, self.policy)
         self.mask_id = self.settings.mask_token_id
         self.model = None
         self._layout: DecodeLayout | None = self.max_layout  # of the step being verified now
@@ -106,6 +114,8 @@ class TiDARProposer:
             for i, toks in enumerate(sampled_token_ids):
                 if acc is not None and i < len(self._real) and self._real[i]:
                     acc.observe(self._layout.num_drafts, len(toks) - 1)
+            if self.cache is not None:
+                self.cache.maybe_save(self.policy)
         active = sum(1 for t in sampled_token_ids if t)
         nxt = self.policy.choose(active)
         accepted = [len(t) - 1 if t else None for t in sampled_token_ids]
