@@ -214,7 +214,10 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
     vad.set_rows(rows, torch.zeros_like(weight))
     assert torch.equal(root.blk.o_proj(x), base(x, None, None))
     vad.set_rows(None)
+    assert root.blk.o_proj.cpu_linear is base  # a step without mask rows calls vLLM's GEMM itself
     assert torch.equal(root.blk.o_proj(x), base(x, None, None))
+    vad.set_blocks(1, 10, 4)
+    assert root.blk.o_proj.cpu_linear is not base
 
 
 @pytest.mark.slow

@@ -263,8 +263,11 @@ class VLLMDraftAdapter:
         if not all(hasattr(m, "cpu_linear") for m in self.modules.values()):
             self._merged = {}
             return
-        for target, module in self.modules.items():
-            module.cpu_linear = self._split_linear(module.cpu_linear, self._merged[target])
+        # (base GEMM, wrapped GEMM) per layer: the wrapper is in place only while a step has
+        # mask rows, so plain steps call vLLM's GEMM directly
+        self._gemms = {target: (module.cpu_linear, self._split_linear(module.cpu_linear, self._merged[target]))
+                       for target, module in self.modules.items()}
+        self._wrapped = False
         self.split = True
         for hook in self._hooks:  # every row now runs through the wrapped GEMM: a forward hook
             hook.remove()         # would only cost each layer call (plain steps too) its slow path
@@ -274,10 +277,19 @@ class VLLMDraftAdapter:
         self._install_split()  # at the first forward: plain steps then run hook-free too
         self.rows, self.weight, self.blocks = rows, weight, None
         self._routed = None  # token rows of the merged GEMM, found by the first adapted layer
+        self._wrap(rows is not None)
 
     def set_blocks(self, num_blocks: int, block_rows: int, first: int) -> None:
         self._install_split()
         self.rows, self.weight, self.blocks = None, None, (num_blocks, block_rows, first)
+        self._wrap(True)
+
+    def _wrap(self, on: bool) -> None:
+        """Put the split GEMM in place (``on``) or vLLM's own back, when that changes."""
+        if self.split and on != self._wrapped:
+            for target, module in self.modules.items():
+                module.__dict__["cpu_linear"] = self._gemms[target][on]  # (a plain attribute: skip nn.Module.__setattr__)
+            self._wrapped = on
 
     def _split_linear(self, base, merged: nn.Module):
         """``cpu_linear`` of one layer: in the steady state the first ``first`` rows of every

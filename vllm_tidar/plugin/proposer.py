@@ -27,6 +27,8 @@ import atexit
 import os
 import time
 
+import numpy as np
+
 from ..checkpoint import TidarSettings
 from ..errors import TidarError
 from ..layout import DecodeLayout
@@ -101,29 +103,39 @@ class TiDARProposer:
     def propose(self, sampled_token_ids, num_tokens_no_spec=None, token_ids_cpu=None, slot_mappings=None, **kwargs):
         now = time.perf_counter()
         n = len(sampled_token_ids)
-        num_tokens = [int(x) for x in num_tokens_no_spec[:n]] if num_tokens_no_spec is not None else None
+        # (np.array copies: vLLM reuses its buffer)
+        num_tokens = np.array(num_tokens_no_spec[:n], dtype=np.int64) if num_tokens_no_spec is not None else None
         # the step just run is the one proposed last time iff every row only grew by what it
         # sampled (a new request in a row, a prefill or a preemption breaks that)
+        grew = np.fromiter(map(len, sampled_token_ids), dtype=np.int64, count=n)
         steady = (self._last is not None and self._last[3] == n and num_tokens is not None
                   and self._num_tokens is not None and len(self._num_tokens) == n
-                  and all(t and num_tokens[i] - self._num_tokens[i] == len(t) for i, t in enumerate(sampled_token_ids)))
+                  and bool(grew.all()) and np.array_equal(num_tokens - self._num_tokens, grew))
         self._num_tokens = num_tokens
         if steady:  # measure it
             self.policy.costs.observe(*self._last[:3], now - self._t)
             acc = self.policy.acceptance.get(self._layout.block_len) if self._layout is not None else None
-            for i, toks in enumerate(sampled_token_ids):
-                if acc is not None and i < len(self._real) and self._real[i]:
-                    acc.observe(self._layout.num_drafts, len(toks) - 1)
+            if acc is not None:
+                for toks, real in zip(sampled_token_ids, self._real):
+                    if real:
+                        acc.observe(self._layout.num_drafts, len(toks) - 1)
             if self.cache is not None:
                 self.cache.maybe_save(self.policy)
-        active = sum(1 for t in sampled_token_ids if t)
+        active = int(np.count_nonzero(grew))
         nxt = self.policy.choose(active)
+        if nxt is None:  # a plain AR step next: no drafts (the model's stash is dropped)
+            if self.model is not None:
+                self.model.tidar_next_drafts([], 0)
+            self._layout, self._real = None, []
+            self._last = (False, active, active, n)
+            self._t = now
+            return [[] for _ in range(n)]
         accepted = [len(t) - 1 if t else None for t in sampled_token_ids]
-        stash = self.model.tidar_next_drafts(accepted, nxt.num_drafts if nxt is not None else 0) if self.model is not None else {}
+        stash = self.model.tidar_next_drafts(accepted, nxt.num_drafts) if self.model is not None else {}
         out, real = [], []
         mask = self.mask_id
         for i, toks in enumerate(sampled_token_ids):
-            if not toks or nxt is None:  # partial prefill chunk, or a plain AR step next
+            if not toks:  # a partial prefill chunk
                 out.append([])
                 real.append(False)
                 continue
@@ -134,10 +146,10 @@ class TiDARProposer:
                 continue
             out.append(d + [mask] * (nxt.num_speculative_tokens - len(d)))
             real.append(True)
-        if nxt is not None and self.model is not None:
+        if self.model is not None:
             self.model.tidar_use_layout(nxt)
         self._layout = nxt
         self._real = real
-        self._last = (nxt is not None, active, active * (nxt.num_tokens if nxt is not None else 1), n)
+        self._last = (True, active, active * nxt.num_tokens, n)
         self._t = now
         return out
