@@ -38,6 +38,7 @@ from pathlib import Path
 from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
 from vllm_tidar.layout import DecodeLayout, check_num_drafts
+from vllm_tidar.plugin.policy_cache import describe_start, engine_policy_start
 
 from . import bench_stats as st
 
@@ -285,14 +286,6 @@ def warm_up(llm, args, prompts: list[list[int]]) -> None:
         llm.generate([{"prompt_token_ids": p} for p in prompts[:b]], warm, use_tqdm=False)
 
 
-def adaptive_policy_start(llm) -> dict:
-    """How the adaptive engine's policy started: the per-machine cache file it used (None: the
-    cache is off) and the steps it restored from it (0: a cold start)."""
-    drafter = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
-    cache = drafter.cache
-    return {"cache": str(cache.path) if cache is not None else None, "restored_steps": cache.restored_steps if cache else 0}
-
-
 def run_interleaved(methods: list[Method], engines: dict, args, prompts: list[list[int]], progress, failed) -> dict:
     """Every round, batch size and batch of prompts on every engine in turn (the order rotates
     from batch to batch), so all methods see the same machine speed within seconds of each other;
@@ -376,15 +369,7 @@ def _f(x, fmt: str = ".1f", none: str = "—") -> str:
 
 
 def _policy_line(start: dict | None) -> list[str]:
-    if start is None:
-        return []
-    if start["cache"] is None:
-        how = "cold (`VLLM_TIDAR_POLICY_CACHE=0`)"
-    elif start["restored_steps"]:
-        how = f"from this machine's policy cache ({start['restored_steps']} measured steps, `{start['cache']}`)"
-    else:
-        how = f"cold (no policy cache yet at `{start['cache']}`)"
-    return [f"Adaptive drafting started {how}.", ""]
+    return [] if start is None else [f"Adaptive drafting started {describe_start(start)}.", ""]
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -590,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     engines[m.name], build_s[m.name] = build_engine(m, args, ckpt, max_model_len)
                     if m.name == "tidar-adaptive":
-                        policy_start = adaptive_policy_start(engines[m.name])
+                        policy_start = engine_policy_start(engines[m.name])
                     warm_up(engines[m.name], args, prompts)
                 except Exception as e:
                     failed(m, e)

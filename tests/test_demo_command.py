@@ -3,6 +3,7 @@ comparison table, the output-identity line and the serve command to run next."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,14 +21,20 @@ def test_serve_command():
     )
 
 
-@pytest.mark.slow
-def test_demo_runs_ar_and_tidar_in_vllm():
-    ckpt = tiny_checkpoint(block_length=4)
+def _demo(ckpt, cache):
+    env = {**os.environ, "VLLM_TIDAR_POLICY_CACHE": str(cache)}
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_tidar.cli", "demo", "--checkpoint", str(ckpt), "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_demo_runs_ar_and_tidar_in_vllm(tmp_path):
+    ckpt = tiny_checkpoint(block_length=4)
+    proc = _demo(ckpt, tmp_path)
     out = proc.stdout
     assert "in vLLM through the TiDAR plugin" in out and "block length 4, TiDAR up to K=3 (20 query tokens per step)" in out
     lines = out.splitlines()
@@ -41,3 +48,8 @@ def test_demo_runs_ar_and_tidar_in_vllm():
     assert f"TiDAR output identical to AR: True ({n}/{n} prompts)" in out
     assert lines[-1].strip() == f"vllm-tidar serve {ckpt} --enforce-eager"
     assert "AR and TiDAR in turn" in proc.stderr  # the progress bar's last stage
+    # the adaptive policy started cold and left what it measured for the next run, which starts from it
+    assert "Adaptive drafting started cold (no policy cache yet at `" in out and "the next run on this machine" in out
+    (cached,) = tmp_path.glob("*.json")
+    again = _demo(ckpt, tmp_path).stdout
+    assert "Adaptive drafting started from this machine's policy cache (" in again and f"`{cached}`)." in again

@@ -116,6 +116,7 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
 
     from .benchmarks import bench_stats as st
     from .plugin.common import close_llm
+    from .plugin.policy_cache import describe_start, engine_policy_start
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
     ids = _prompt_ids(tok, prompts)
@@ -144,6 +145,7 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
                 bar.set_description(next(stages))
                 engines[label] = _engine(checkpoint, max_model_len, ids[0], verbose, **engine)
                 bar.update(1)
+            start = engine_policy_start(engines[modes[1][0]])
             bar.set_description(next(stages))
             runs = _generate_in_turn(engines, ids, max_tokens, bar)
             bar.update(1)
@@ -166,6 +168,10 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
         print(f"| {label} | {row['tokens']} | {row['tokens_per_s']:.1f} | {speed:.2f}x | "
               f"{row['tokens_per_forward']:.2f} | {share} | {acc} |")
     print(f"\nTiDAR output identical to AR: {same == len(ids)} ({same}/{len(ids)} prompts)")
+    if start is not None:
+        print(f"Adaptive drafting started {describe_start(start)}" + (
+            "." if start["restored_steps"] or start["cache"] is None else
+            ": this run spent part of its steps measuring; the next run on this machine starts from what it measured."))
     cores = os.cpu_count() or 1
     if load > cores:
         print(f"(1-min load average {load:.1f} at the start on {cores} cores: other processes competed for the "

@@ -160,3 +160,25 @@ class PolicyCache:
                            "set VLLM_TIDAR_POLICY_CACHE to a writable folder or 0", self.path, e)
             return
         self._saved_steps = policy.costs.num_observed
+
+
+def engine_policy_start(llm) -> dict | None:
+    """How the adaptive policy of an in-process ``LLM`` started: the cache file it used (None:
+    the cache is off) and the steps it restored from it (0: a cold start); None when the
+    engine has no adaptive TiDAR proposer (AR, a fixed schedule, another method)."""
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    drafter = getattr(runner, "drafter", None)
+    policy = getattr(drafter, "policy", None)
+    if policy is None or policy.schedule is not None:
+        return None
+    cache = drafter.cache
+    return {"cache": str(cache.path) if cache is not None else None, "restored_steps": cache.restored_steps if cache else 0}
+
+
+def describe_start(start: dict) -> str:
+    """``engine_policy_start`` in words: "cold (...)" or "from this machine's policy cache (...)"."""
+    if start["cache"] is None:
+        return "cold (`VLLM_TIDAR_POLICY_CACHE=0`)"
+    if start["restored_steps"]:
+        return f"from this machine's policy cache ({start['restored_steps']} measured steps, `{start['cache']}`)"
+    return f"cold (no policy cache yet at `{start['cache']}`)"
