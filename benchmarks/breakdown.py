@@ -32,6 +32,7 @@ from pathlib import Path
 
 from vllm_tidar.checkpoint import DEMO_CHECKPOINT
 from vllm_tidar.errors import TidarError
+from vllm_tidar.plugin.common import engine_runner
 
 from .bench_stats import in_turn
 
@@ -43,7 +44,7 @@ class StepTimers:
 
     def __init__(self, llm):
         core = llm.llm_engine.engine_core.engine_core  # in-process EngineCore
-        self.runner = core.model_executor.driver_worker.worker.model_runner
+        self.runner = engine_runner(llm)
         self.acc: dict[str, float] = defaultdict(float)
         self.steps: list[dict] = []
         self._undo: list[tuple[object, str, object, bool]] = []

@@ -44,11 +44,6 @@ class _ForwardTimer:
         self.runner._model_forward = self.orig
 
 
-def _vllm_runner(llm):
-    core = llm.llm_engine.engine_core.engine_core  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-    return core.model_executor.driver_worker.worker.model_runner
-
-
 def vllm_max_model_len(max_ctx: int, max_q: int, multiple: int = 128) -> int:
     """max_model_len for prompts of ``max_ctx + max_q`` tokens plus the one output token
     vLLM requires room for (``max_tokens=1``), rounded up to ``multiple``."""
@@ -82,7 +77,7 @@ def time_vllm(checkpoint, contexts, batch_sizes, query_tokens, repeats, warmup, 
     import vllm
     from vllm import LLM, SamplingParams
 
-    from vllm_tidar.plugin.common import close_llm
+    from vllm_tidar.plugin.common import close_llm, engine_runner
 
     llm = LLM(
         model=str(checkpoint),
@@ -103,7 +98,7 @@ def time_vllm(checkpoint, contexts, batch_sizes, query_tokens, repeats, warmup, 
         if bad:
             raise TidarError(f"--contexts must be multiples of the KV block size {block} (prefix caching caches "
                              f"whole blocks); got {bad}")
-        runner = _vllm_runner(llm)
+        runner = engine_runner(llm)
         model = runner.model
         vocab = vcfg.model_config.hf_config.vocab_size
         mask_id = (cfg.get("tidar") or {}).get("mask_token_id")

@@ -337,7 +337,7 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     run vLLM's plain sampler on one logits row per request, not the rejection sampler."""
     from vllm import SamplingParams
 
-    from vllm_helpers import close_llm, make_llm, prompt_set, tiny_checkpoint, token_ids
+    from vllm_helpers import close_llm, make_llm, prompt_set, runner, tiny_checkpoint, token_ids
 
     ckpt = tiny_checkpoint(block_length=4)
     prompts = prompt_set(ckpt, 4, seed=3)
@@ -348,10 +348,10 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     llm = make_llm(ckpt, per_request_spec_decode_metrics="detailed",
                    speculative_config={"method": "tidar", "num_speculative_tokens": 3,
                                        "num_speculative_tokens_per_batch_size": sched})
-    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    engine = runner(llm)
     samples = []  # per sampled step: (spec metadata?, logits rows, requests)
-    orig_sample = runner._sample
-    runner._sample = lambda logits, md: (samples.append((md is not None, logits.shape[0], runner.input_batch.num_reqs)),
+    orig_sample = engine._sample
+    engine._sample = lambda logits, md: (samples.append((md is not None, logits.shape[0], engine.input_batch.num_reqs)),
                                          orig_sample(logits, md))[1]
     try:
         out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -382,7 +382,7 @@ def test_engine_adaptive_default_is_lossless(tmp_path, monkeypatch):
     checkpoint, and a proposer built again for the engine restores it."""
     from vllm import SamplingParams
 
-    from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+    from vllm_helpers import close_llm, generate, make_llm, prompt_set, runner, tiny_checkpoint, token_ids
 
     ckpt = tiny_checkpoint(block_length=4)
     prompts = prompt_set(ckpt, 6, seed=4)
@@ -391,8 +391,8 @@ def test_engine_adaptive_default_is_lossless(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_TIDAR_POLICY_CACHE", str(tmp_path))
     llm = make_llm(ckpt, adaptive=True)
     try:
-        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-        drafter = runner.drafter
+        engine = runner(llm)
+        drafter = engine.drafter
         assert drafter.policy.schedule is None
         assert drafter.cache is not None and not drafter.cache.path.exists()  # a cold start
         got = token_ids(generate(llm, prompts, sp))
@@ -401,7 +401,7 @@ def test_engine_adaptive_default_is_lossless(tmp_path, monkeypatch):
         # an engine started again on this machine with this checkpoint starts where this one stopped
         from vllm_tidar.plugin.proposer import TiDARProposer
 
-        again = TiDARProposer(runner.vllm_config)
+        again = TiDARProposer(engine.vllm_config)
         assert again.cache.path == drafter.cache.path
         assert again.policy.state() == drafter.policy.state()
     finally:
@@ -419,7 +419,7 @@ def test_engine_switches_block_length_lossless():
     AR's and every drafting step counts the K of its own layout (3 or 1)."""
     from vllm import SamplingParams
 
-    from vllm_helpers import close_llm, generate, make_llm, prompt_set, tiny_checkpoint, token_ids
+    from vllm_helpers import close_llm, generate, make_llm, prompt_set, runner_model, tiny_checkpoint, token_ids
 
     ckpt = tiny_checkpoint(block_length=4, block_lengths=(2,))
     prompts = prompt_set(ckpt, 6, seed=6)
@@ -427,7 +427,7 @@ def test_engine_switches_block_length_lossless():
     want = _ar_outputs(ckpt, prompts, sp)
     llm = make_llm(ckpt, adaptive=True, per_request_spec_decode_metrics="detailed")
     try:
-        model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
+        model = runner_model(llm)
         seen = []
         orig = model.tidar_use_layout
         model.tidar_use_layout = lambda lay: (seen.append(lay.block_len), orig(lay))

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from vllm_tidar.plugin.common import close_llm  # noqa: F401  (re-exported for the tests)
+from vllm_tidar.plugin.common import close_llm, engine_runner  # noqa: F401  (close_llm re-exported for the tests)
 
 CACHE = Path(os.environ.get("TIDAR_TEST_CACHE", "/tmp/vllm_tidar_test_cache"))
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -116,8 +116,7 @@ def make_llm(model, adaptive: bool = False, **kwargs):
 
 def runner_model(llm):
     """The model object inside an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    core = llm.llm_engine.engine_core.engine_core
-    return core.model_executor.driver_worker.worker.model_runner.model
+    return engine_runner(llm).model
 
 
 def prompt_set(tokenizer_path, n: int, seed: int = 0, min_len: int = 3, max_len: int = 60) -> list[list[int]]:
@@ -139,8 +138,7 @@ def prompt_set(tokenizer_path, n: int, seed: int = 0, min_len: int = 3, max_len:
 
 
 def runner(llm):
-    core = llm.llm_engine.engine_core.engine_core
-    return core.model_executor.driver_worker.worker.model_runner
+    return engine_runner(llm)
 
 
 def token_ids(outputs) -> list[list[int]]:

@@ -49,6 +49,11 @@ def tidar_drafts_and_mask(spec_config, hf_config) -> tuple[int, int] | None:
     return layout.num_drafts, settings.mask_token_id
 
 
+def engine_runner(llm):
+    """The model runner of an in-process ``vllm.LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
 def close_llm(llm) -> None:
     """Shut an in-process ``vllm.LLM`` down and free its distributed state."""
     import gc

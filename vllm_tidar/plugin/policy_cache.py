@@ -25,7 +25,7 @@ import re
 import time
 from pathlib import Path
 
-from .common import plugin_logger
+from .common import engine_runner, plugin_logger
 
 logger = plugin_logger(__name__)
 
@@ -166,8 +166,7 @@ def engine_policy_start(llm) -> dict | None:
     """How the adaptive policy of an in-process ``LLM`` started: the cache file it used (None:
     the cache is off) and the steps it restored from it (0: a cold start); None when the
     engine has no adaptive TiDAR proposer (AR, a fixed schedule, another method)."""
-    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    drafter = getattr(runner, "drafter", None)
+    drafter = getattr(engine_runner(llm), "drafter", None)
     policy = getattr(drafter, "policy", None)
     if policy is None or policy.schedule is not None:
         return None
