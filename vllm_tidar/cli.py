@@ -330,8 +330,18 @@ BENCHMARK_COMMANDS = {
 }
 
 
+# commands that run vLLM: on a CPU host they re-execute with Intel OpenMP preloaded (cpu_runtime)
+VLLM_COMMANDS = {"demo", "distill-data", "serve", *BENCHMARK_COMMANDS}
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the command line (not a call from Python)
+        argv = sys.argv[1:]
+        if argv and argv[0] in VLLM_COMMANDS:
+            from .cpu_runtime import maybe_reexec
+
+            maybe_reexec(argv)
+    argv = list(argv)
     if argv and argv[0] in ("serve", "bench-serve"):
         from .serve import main as serve_main
 

@@ -133,7 +133,10 @@ def run_vllm(checkpoint, prompts=DEMO_PROMPTS, max_tokens: int = 128, num_drafts
         ("AR", {"hf_overrides": {"tidar_mode": "ar"}}),
         (f"TiDAR (adaptive, K≤{layout.num_drafts})", {**tidar_engine, "per_request_spec_decode_metrics": "detailed"}),
     ]
-    print(f"vllm-tidar demo: {checkpoint} in vLLM through the TiDAR plugin (CPU, fp32, enforce_eager); "
+    from .cpu_runtime import describe_runtime
+
+    print(f"vllm-tidar demo: {checkpoint} in vLLM through the TiDAR plugin (CPU, fp32, enforce_eager, "
+          f"{describe_runtime()}); "
           f"block length {layout.block_len}, TiDAR up to K={layout.num_drafts} ({layout.num_tokens} query tokens per step), "
           "drafting per step only where the measured step cost says it pays; "
           f"{len(ids)} prompts x {max_tokens} tokens, batch 1, greedy", flush=True)

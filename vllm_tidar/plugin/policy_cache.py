@@ -46,8 +46,11 @@ def cache_dir() -> Path | None:
 
 
 def machine_identity() -> dict:
-    """What makes step costs differ between machines: processor, cores, torch threads, GPU."""
+    """What makes step costs differ between machines: processor, cores, torch threads, GPU, and
+    the OpenMP runtime and allocator (``cpu_runtime``: Intel OpenMP makes TiDAR steps cheaper)."""
     import torch
+
+    from ..cpu_runtime import describe_runtime
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -57,7 +60,8 @@ def machine_identity() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu}
+    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "runtime": describe_runtime()}
 
 
 def checkpoint_identity(model: str) -> dict:
