@@ -282,6 +282,19 @@ def test_policy_cache_saves_restores_and_keys_by_identity(tmp_path):
 def test_policy_cache_ignores_a_bad_file_and_survives_an_unwritable_folder(tmp_path, caplog):
     import logging
 
+    # vLLM's logging config stops the "vllm" logger propagating to pytest's root handler once an
+    # engine has run in this process: listen on it directly
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(caplog.handler)
+    try:
+        _bad_file_and_unwritable_folder(tmp_path, caplog)
+    finally:
+        vllm_logger.removeHandler(caplog.handler)
+
+
+def _bad_file_and_unwritable_folder(tmp_path, caplog):
+    import logging
+
     c = _cache(tmp_path)
     tmp_path.joinpath(c.path.name).write_text("{not json")
     q = DraftPolicy(_layouts(8, 4))
