@@ -135,6 +135,24 @@ def test_policy_turns_drafting_off_where_it_loses():
     assert _policy(per_token=5e-5, alpha=0.05).choose(1) is None
 
 
+def test_policy_rerates_every_few_steps_and_when_its_cost_model_is_replaced():
+    """Rating every layout is redone every ``refresh_every`` calls at a batch size (it costs
+    more than the rest of a plain step's bookkeeping), so a change in the measured acceptance
+    takes effect within that many steps; other batch sizes keep their own rating."""
+    p = _policy(per_token=5e-5, alpha=0.8)
+    assert p.refresh_every == 8
+    assert p.choose(1) is not None and p.choose(16) is None
+    for acc in p.acceptance.values():  # the drafts turn bad
+        acc.alpha = [0.05] * len(acc.alpha)
+    picks = [p.choose(1) for _ in range(p.refresh_every)]
+    assert picks[0] is not None and picks[-1] is None, picks
+    assert p.choose(16) is None
+    for acc in p.acceptance.values():  # good again, and a new cost model: rated at once
+        acc.alpha = [0.8] * len(acc.alpha)
+    p.costs = _costs(4e-3, 6e-3, 5e-5)
+    assert p.choose(1) is not None
+
+
 def test_policy_picks_the_smaller_block_where_long_steps_cost_too_much():
     """Block length 8 drafts a little better, but its long steps cost too much next to a
     20-token step of block length 4: the policy serves block length 4."""
@@ -347,10 +365,12 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     """Requests of different lengths finish one by one, so the batch shrinks 4 -> 1 and a
     schedule moves K 0 -> 1 -> 2 -> 3: output stays AR's, every drafting step counts its own
     K, engine and per-request counters agree, and the K=0 steps (no drafts in the batch)
-    run vLLM's plain sampler on one logits row per request, not the rejection sampler."""
+    run vLLM's plain sampler on one logits row per request, not the rejection sampler.
+    After the proposer chose a plain step the model skips step detection, and it detects
+    TiDAR steps again once drafts come back."""
     from vllm import SamplingParams
 
-    from vllm_helpers import close_llm, make_llm, prompt_set, runner, tiny_checkpoint, token_ids
+    from vllm_helpers import close_llm, make_llm, prompt_set, runner, runner_model, tiny_checkpoint, token_ids
 
     ckpt = tiny_checkpoint(block_length=4)
     prompts = prompt_set(ckpt, 4, seed=3)
@@ -366,6 +386,18 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     orig_sample = engine._sample
     engine._sample = lambda logits, md: (samples.append((md is not None, logits.shape[0], engine.input_batch.num_reqs)),
                                          orig_sample(logits, md))[1]
+    model = runner_model(llm)
+    forwards = []  # per forward: (step detection ran, a TiDAR step was detected)
+    orig_prepare = model._tidar_prepare
+
+    def prepare(input_ids, positions):
+        expected = model._tidar_state.expect
+        out = orig_prepare(input_ids, positions)
+        last = model.tidar_last_step()
+        forwards.append((expected, last is not None and bool(last.tidar.any())))
+        return out
+
+    model._tidar_prepare = prepare
     try:
         out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         metrics = {m.name: m for m in llm.get_metrics()}
@@ -375,6 +407,9 @@ def test_engine_k_changes_with_batch_size_output_equals_ar_metrics_consistent():
     plain = [s for s in samples if s[2] == 4]
     assert len(plain) >= 10 and all(not spec and rows == 4 for spec, rows, _ in plain), plain
     assert any(spec for spec, _, n in samples if n < 4)
+    assert len(forwards) == len(samples)
+    assert [found for _, found in forwards] == [spec for spec, _, _ in samples]  # every drafting step detected
+    assert sum(not ran for ran, _ in forwards) >= len(plain) - 1  # plain steps after the first skip detection
     steps = [o.outputs[0].spec_decode_metrics for o in out]
     seen = set().union(*(set(m.per_step_drafted) for m in steps))
     assert seen == {1, 2, 3}, seen
@@ -443,13 +478,13 @@ def test_engine_switches_block_length_lossless():
         model = runner_model(llm)
         seen = []
         orig = model.tidar_use_layout
-        model.tidar_use_layout = lambda lay: (seen.append(lay.block_len), orig(lay))
+        model.tidar_use_layout = lambda lay: (seen.append(lay.block_len if lay else 0), orig(lay))
         out = generate(llm, prompts, sp)
         metrics = {m.name: m for m in llm.get_metrics()}
     finally:
         close_llm(llm)
     assert token_ids(out) == want
-    assert seen[0] == 4 and 2 in seen
+    assert seen[0] == 4 and 2 in seen  # (0: a plain step next)
     steps = [o.outputs[0].spec_decode_metrics for o in out]
     assert set().union(*(set(m.per_step_drafted) for m in steps)) <= {1, 3}
     assert sum(m.num_draft_tokens for m in steps) == metrics["vllm:spec_decode_num_draft_tokens"].value

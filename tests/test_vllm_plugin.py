@@ -228,7 +228,7 @@ class _FakeModel:
                 if num_drafts and i < len(accepted) and (a := accepted[i]) is not None and a < len(rows)}
 
     def tidar_use_layout(self, layout):
-        self.num_drafts.append(layout.num_drafts)
+        self.num_drafts.append(layout.num_drafts if layout is not None else None)  # None: a plain step next
 
 
 def _proposer(bl=4, k=None, schedule=None, trained=()):
@@ -286,7 +286,8 @@ def test_proposer_follows_a_drafts_per_batch_size_schedule():
     model.stash = {0: drafts}
     assert prop.propose([[5]], None, None)[0] == drafts[0][:3] + [1] * layout.num_mask_slots  # batch 1 -> K=3
     assert prop.propose([[5]] * 4, None, None) == [[]] * 4  # batch 4 -> plain AR steps
-    assert model.num_drafts == [1, 3]
+    assert prop.propose([[5]] * 4, None, None) == [[]] * 4
+    assert model.num_drafts == [1, 3, None]  # the model is told once that plain steps come
     with pytest.raises(TidarError, match="K=3 exceeds"):
         schedule_in_spec_tokens([[1, 8, 3]], 4, 2)
     with pytest.raises(TidarError, match="list of"):

@@ -12,7 +12,8 @@ size, from step costs and draft acceptance measured while serving.
   drafts is ``1 + sum_i prod_{j<=i} alpha_j``.
 * ``DraftPolicy.choose(batch_size)`` returns the layout (block length, K) maximising
   ``B * expected_tokens / c_tidar(B * L)`` if that beats ``B / c_plain(B)`` by ``margin``,
-  else None (a plain AR step). The candidates are every K of the served block length and of
+  else None (a plain AR step); the rating is redone every ``refresh_every`` (8) calls at a
+  batch size and right after a probe there, not at every step. The candidates are every K of the served block length and of
   the smaller block lengths the checkpoint was trained with (acceptance is kept per block
   length). Until ``warmup`` draft outcomes are seen for a block length it drafts with its
   largest K (the measurement needs drafting steps), then takes plain steps until the cost
@@ -240,7 +241,8 @@ class DraftPolicy:
 
     def __init__(self, layouts: list[DecodeLayout], schedule: list[DecodeLayout | None] | None = None,
                  costs: StepCosts | None = None, acceptance: dict[int, Acceptance] | None = None,
-                 margin: float = 1.05, warmup: int = 32, probe_overhead: float = 0.02, max_backoff: int = 4):
+                 margin: float = 1.05, warmup: int = 32, probe_overhead: float = 0.02, max_backoff: int = 4,
+                 refresh_every: int = 8):
         self.layouts = sorted(layouts, key=lambda lay: (lay.block_len, lay.num_drafts), reverse=True)
         self.block_lengths = sorted({lay.block_len for lay in self.layouts}, reverse=True)
         # the largest K of each block length (warm-up and probes draft with it)
@@ -251,6 +253,11 @@ class DraftPolicy:
         self.acceptance = acceptance or {bl: Acceptance(w.num_drafts) for bl, w in self.widest.items()}
         self.margin, self.warmup, self.probe_overhead = margin, warmup, probe_overhead
         self.max_backoff = max_backoff
+        self.refresh_every = refresh_every
+        # batch size -> (choose() call it was computed at, the cost model it used, best()):
+        # rating every layout costs ~20 us of Python, and the models move slowly
+        self._best_memo: dict[int, list] = {}  # batch size -> _rated()
+        self._calls = 0
         self._backoff: dict[int, int] = {}  # batch size -> probe interval factor (doubles while probes confirm plain)
         self._probed: int | None = None  # batch size of the probe pair just taken
         self._off_steps = 0  # consecutive plain steps chosen
@@ -281,6 +288,7 @@ class DraftPolicy:
         for bl, acc in acceptance.items():
             self.acceptance[bl] = acc
         self._backoff = backoff
+        self._best_memo.clear()
 
     def rate(self, layout: DecodeLayout | None, batch_size: int) -> float:
         """Predicted tokens/s of a step of ``layout`` (None: plain AR) at ``batch_size``."""
@@ -299,11 +307,24 @@ class DraftPolicy:
                 best, best_rate = lay, r
         return best, (best_rate if best is not None else plain), plain
 
+    def _rated(self, batch_size: int) -> list:
+        """``[call, cost model, best(batch_size), {probe layout: TiDAR/plain step-cost ratio}]``,
+        redone every ``refresh_every`` calls at that batch size (and at once after a probe pair
+        there, or when the cost model was replaced): rating every layout costs ~20 us of
+        Python, more than the rest of a plain step's bookkeeping, and the models move slowly."""
+        hit = self._best_memo.get(batch_size)
+        if (hit is not None and self._calls - hit[0] < self.refresh_every and hit[1] is self.costs
+                and self._probed != batch_size):
+            return hit
+        hit = self._best_memo[batch_size] = [self._calls, self.costs, self.best(batch_size), {}]
+        return hit
+
     def choose(self, batch_size: int) -> DecodeLayout | None:
         if batch_size <= 0:
             return None
         if self.schedule is not None:
             return self.schedule[min(batch_size, len(self.schedule) - 1)]
+        self._calls += 1
         cold = [bl for bl in self.block_lengths if self.acceptance[bl].num_observed < self.warmup]
         if cold:  # measure each block length's acceptance first
             return self.widest[min(cold, key=lambda bl: self.acceptance[bl].num_observed)]
@@ -311,15 +332,18 @@ class DraftPolicy:
             return None
         if self._probe:
             return self._probe.pop()
-        lay, rate, plain = self.best(batch_size)
+        rated = self._rated(batch_size)
+        lay, rate, plain = rated[2]
         if self._probed == batch_size and lay is None:  # the probe confirmed plain AR: space the next one out
             self._backoff[batch_size] = min(2 * self._backoff.get(batch_size, 1), self.max_backoff)
         self._probed = None
         if lay is None:
             self._off_steps += 1
             probe = self.widest[self.block_lengths[self._probe_turn % len(self.block_lengths)]]
-            ratio = (self.costs.predict(True, batch_size, batch_size * probe.num_tokens)
-                     / self.costs.predict(False, batch_size, batch_size))
+            ratio = rated[3].get(probe)
+            if ratio is None:
+                ratio = rated[3][probe] = (self.costs.predict(True, batch_size, batch_size * probe.num_tokens)
+                                           / self.costs.predict(False, batch_size, batch_size))
             interval = 2 * ratio / self.probe_overhead * self._backoff.get(batch_size, 1)
             if self._off_steps >= interval:  # two probe steps per interval
                 self._off_steps, self._probe_turn = 0, self._probe_turn + 1

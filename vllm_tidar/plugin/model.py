@@ -113,6 +113,25 @@ class _StepTensors:
         )
 
 
+class _StepState:
+    """The model's per-forward TiDAR state (a plain object: attribute writes on an
+    ``nn.Module`` go through its slow ``__setattr__``, and these change every step)."""
+
+    __slots__ = ("last", "rows", "rows_next", "draft_hidden", "bonus_hidden", "expect")
+
+    def __init__(self) -> None:
+        self.last: TiDARStep | None = None  # step detection of the last forward
+        # logits rows per request: of the last forward, of the step being prepared
+        self.rows: np.ndarray | None = None
+        self.rows_next: np.ndarray | None = None
+        # hidden states of the last forward's draft rows (R, K+1, K_max, H) and bonus rows (R, K+1, H)
+        self.draft_hidden: torch.Tensor | None = None
+        self.bonus_hidden: torch.Tensor | None = None
+        # the next forward may hold TiDAR steps (False after the proposer chose a plain step:
+        # nothing scheduled holds MASK then, so step detection is skipped)
+        self.expect = True
+
+
 class _TiDARMixin:
     """Adds TiDAR steps to a vLLM causal LM. Call ``_tidar_setup`` after ``__init__``."""
 
@@ -136,6 +155,7 @@ class _TiDARMixin:
             self._tidar_adapter_dtype = vllm_config.model_config.dtype
             self._tidar_adapter = VLLMDraftAdapter(self, adapter, device, self._tidar_adapter_dtype)
         self._tidar_max_drafts = self.tidar_layout.num_drafts if self.tidar_layout is not None else 0
+        self._tidar_state = _StepState()
         if self.tidar_layout is not None:
             self.tidar_use_layout(self.tidar_layout)
         # every attention layer runs through the TiDAR backend (plain AR mode too, so
@@ -163,13 +183,6 @@ class _TiDARMixin:
                     getattr(module, "kv_sharing_target_layer_name", None),
                 )
                 n += 1
-        self._tidar_last: TiDARStep | None = None
-        # logits rows per request: of the step being prepared, of the last forward
-        self._tidar_rows_next: np.ndarray | None = None
-        self._tidar_rows: np.ndarray | None = None
-        # hidden states of the last forward's draft rows (R, K+1, K_max, H) and bonus rows (R, K+1, H)
-        self._tidar_draft_hidden: torch.Tensor | None = None
-        self._tidar_bonus_hidden: torch.Tensor | None = None
         logger.info(
             "TiDAR model: block_length=%d mask_token_id=%d %s (%d attention layers on %s)",
             self.tidar_settings.block_length,
@@ -183,14 +196,16 @@ class _TiDARMixin:
     def _tidar_prepare(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Step detection, vectorised over the batch (no host sync per request): a request
         runs a full TiDAR step iff it decodes ``L`` tokens whose mask slots hold MASK. Its
-        rows get the layout's RoPE positions, and the attention metadata is told."""
-        self._tidar_last = None
-        self._tidar_rows, self._tidar_rows_next = self._tidar_rows_next, None
+        rows get the layout's RoPE positions, and the attention metadata is told. Skipped when
+        the proposer chose a plain step (``tidar_use_layout(None)``)."""
+        st = self._tidar_state
+        st.last = None
+        st.rows, st.rows_next = st.rows_next, None
         adapter = self._tidar_adapter
         if adapter is not None:
             adapter.set_rows(None)
         layout = self.tidar_layout
-        if layout is None or input_ids is None or not is_forward_context_available():
+        if layout is None or not st.expect or input_ids is None or not is_forward_context_available():
             return positions
         md_all = get_forward_context().attn_metadata
         if isinstance(md_all, list):
@@ -225,13 +240,17 @@ class _TiDARMixin:
             else:
                 routed = flags[:, None] & tt.mask_slots
                 adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype))
-        self._tidar_last = TiDARStep(qsl, flags, prefilling, starts)
+        st.last = TiDARStep(qsl, flags, prefilling, starts)
         return positions
 
-    def tidar_use_layout(self, layout: DecodeLayout) -> None:
+    def tidar_use_layout(self, layout: DecodeLayout | None) -> None:
         """Detect TiDAR steps of ``layout`` from the next forward on (the proposer's choice for
         the step it just proposed: the served block length or a smaller trained one, K <= the
-        configured K)."""
+        configured K); None: the proposer chose a plain step (no MASK drafts), so the next
+        forward skips step detection."""
+        self._tidar_state.expect = layout is not None
+        if layout is None:
+            return
         key = (layout.block_len, layout.num_drafts)
         t = self._tidar_tensors.get(key)
         if t is None:
@@ -243,25 +262,26 @@ class _TiDARMixin:
 
     def tidar_last_step(self) -> TiDARStep | None:
         """Step detection of the last forward (None when it had no TiDAR attention metadata)."""
-        return self._tidar_last
+        return self._tidar_state.last
 
     def tidar_set_sampled_rows(self, counts: np.ndarray) -> None:
         """Logits rows per request (batch order) of the step being prepared: ``m + 1`` for
         ``m`` real drafts (``patches/tidar_verify_rows_only.py``)."""
-        self._tidar_rows_next = counts
+        self._tidar_state.rows_next = counts
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         positions = self._tidar_prepare(input_ids, positions)
         hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
-        self._tidar_draft_hidden = self._tidar_bonus_hidden = None
-        last = self._tidar_last
+        st = self._tidar_state
+        st.draft_hidden = st.bonus_hidden = None
+        last = st.last
         if last is not None and isinstance(hidden, torch.Tensor):
             # draft (and bonus) rows of every request; rows of requests without a TiDAR step
             # are clamped junk, dropped by the flags
             tt, top = self._tidar_t, hidden.shape[0] - 1
-            self._tidar_draft_hidden = hidden[(last.starts[:, None, None] + tt.draft_index).clamp_(max=top)]
+            st.draft_hidden = hidden[(last.starts[:, None, None] + tt.draft_index).clamp_(max=top)]
             if self.tidar_settings.beta != 1.0:
-                self._tidar_bonus_hidden = hidden[(last.starts[:, None] + tt.bonus_rows).clamp_(max=top)]
+                st.bonus_hidden = hidden[(last.starts[:, None] + tt.bonus_rows).clamp_(max=top)]
         return hidden
 
     def load_weights(self, weights):
@@ -276,11 +296,12 @@ class _TiDARMixin:
         if logits is None:
             return logits
         logits[:, self.tidar_mask_id] = -torch.inf
-        bonus = self._tidar_bonus_hidden
+        st = self._tidar_state
+        bonus = st.bonus_hidden
         if bonus is None:
             return logits
         # beta mixing: verify row i of a TiDAR request with the mask row predicting the same token
-        counts = self._tidar_rows
+        counts = st.rows
         if counts is None or int(counts.sum()) != logits.shape[0]:
             raise RuntimeError(f"TiDAR: {logits.shape[0]} logits rows, the step scheduled "
                                f"{None if counts is None else int(counts.sum())}")
@@ -291,7 +312,7 @@ class _TiDARMixin:
         pos = pos.clamp_(max=bonus.shape[1] - 1)
         beta = self.tidar_settings.beta
         mixed = beta * logits + (1.0 - beta) * super().compute_logits(bonus[req, pos])
-        logits = torch.where(self._tidar_last.tidar[req][:, None], mixed, logits)
+        logits = torch.where(st.last.tidar[req][:, None], mixed, logits)
         logits[:, self.tidar_mask_id] = -torch.inf
         return logits
 
@@ -300,8 +321,9 @@ class _TiDARMixin:
         ran a full TiDAR step and accepted ``a`` drafts, the argmax of block ``a``'s first
         ``num_drafts`` draft rows (fewer when that step's block length drafts fewer). The
         stash is used up; ``num_drafts = 0`` just drops it."""
-        hid, self._tidar_draft_hidden = self._tidar_draft_hidden, None
-        last = self._tidar_last
+        st = self._tidar_state
+        hid, st.draft_hidden = st.draft_hidden, None
+        last = st.last
         if hid is None or last is None or num_drafts <= 0:
             return {}
         rows = [i for i, a in enumerate(accepted[: hid.shape[0]]) if a is not None and 0 <= a < hid.shape[1]]
