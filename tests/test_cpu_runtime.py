@@ -65,6 +65,7 @@ def test_runs_as_is_without_intel_openmp_or_on_other_hosts(libs, monkeypatch):
     iomp.unlink()
     assert cpu_runtime.preload_libraries() == [] and cpu_runtime.reexec_env({}) is None
     assert cpu_runtime.describe_runtime({}) == "GNU OpenMP, glibc malloc"
+    assert cpu_runtime.describe_runtime({"LD_PRELOAD": "/opt/llvm/lib/libomp.so"}) == "LLVM OpenMP, glibc malloc"
 
 
 def test_command_line_reexecs_vllm_commands_only(libs, monkeypatch):

