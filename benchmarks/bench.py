@@ -127,16 +127,9 @@ def _loadavg() -> float | None:
 def machine_name() -> str:
     """E.g. '2-core AMD EPYC CPU (Intel OpenMP, tcmalloc)': the processor and the OpenMP runtime and
     allocator the engine ran with (``vllm_tidar.cpu_runtime``)."""
-    from vllm_tidar.cpu_runtime import describe_runtime
+    from vllm_tidar.cpu_runtime import cpu_model, describe_runtime
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model() or platform.processor() or platform.machine()
     return f"{os.cpu_count()}-core {model} CPU ({describe_runtime()})"
 
 

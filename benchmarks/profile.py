@@ -134,15 +134,9 @@ def _version(pkg: str) -> str | None:
 
 def describe_machine(device: str = "cpu") -> str:
     """E.g. '2-core AMD EPYC CPU (x86_64)' or 'NVIDIA H200 GPU (+ 16-core ... CPU)'."""
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or "unknown"
+    from vllm_tidar.cpu_runtime import cpu_model
+
+    cpu = cpu_model() or platform.processor() or "unknown"
     cores = os.cpu_count()
     text = f"{cores}-core {cpu} CPU ({platform.machine()})"
     if str(device).startswith("cuda"):

@@ -94,13 +94,9 @@ class Mode:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
+    from vllm_tidar.cpu_runtime import cpu_model
+
+    model = cpu_model() or platform.processor() or platform.machine()
     return f"{os.cpu_count()}-core {model} CPU"
 
 

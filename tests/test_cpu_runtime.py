@@ -87,3 +87,17 @@ def test_command_line_reexecs_vllm_commands_only(libs, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     assert len(calls) == 1
+
+
+def test_cpu_model_reads_the_first_model_name_and_survives_no_cpuinfo(tmp_path, monkeypatch):
+    import builtins
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nprocessor\t: 1\nmodel name\t: other\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    assert cpu_runtime.cpu_model() == "AMD EPYC 9R14"
+    info.write_text("processor\t: 0\n")
+    assert cpu_runtime.cpu_model() is None
+    info.unlink()
+    assert cpu_runtime.cpu_model() is None

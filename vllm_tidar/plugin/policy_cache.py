@@ -50,15 +50,9 @@ def machine_identity() -> dict:
     the OpenMP runtime and allocator (``cpu_runtime``: Intel OpenMP makes TiDAR steps cheaper)."""
     import torch
 
-    from ..cpu_runtime import describe_runtime
+    from ..cpu_runtime import cpu_model, describe_runtime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
             "runtime": describe_runtime()}
