@@ -235,6 +235,18 @@ class Acceptance:
         return total
 
 
+class _Rating:
+    """``DraftPolicy.best`` at one batch size, and what it was computed from."""
+
+    __slots__ = ("call", "costs", "best", "probe_ratio")
+
+    def __init__(self, call: int, costs: StepCosts, best: tuple) -> None:
+        self.call = call  # the choose() call it was computed at
+        self.costs = costs  # the cost model it used
+        self.best = best  # (layout or None, its tokens/s, plain AR tokens/s)
+        self.probe_ratio: dict[DecodeLayout, float] = {}  # probe layout -> TiDAR/plain step-cost ratio
+
+
 class DraftPolicy:
     """Chooses each step's layout (block length, K) or plain AR (None) from the batch size;
     see the module docstring. ``layouts``: the candidates, each a ``DecodeLayout``."""
@@ -254,9 +266,7 @@ class DraftPolicy:
         self.margin, self.warmup, self.probe_overhead = margin, warmup, probe_overhead
         self.max_backoff = max_backoff
         self.refresh_every = refresh_every
-        # batch size -> (choose() call it was computed at, the cost model it used, best()):
-        # rating every layout costs ~20 us of Python, and the models move slowly
-        self._best_memo: dict[int, list] = {}  # batch size -> _rated()
+        self._ratings: dict[int, _Rating] = {}  # batch size -> its last rating (_rated)
         self._calls = 0
         self._backoff: dict[int, int] = {}  # batch size -> probe interval factor (doubles while probes confirm plain)
         self._probed: int | None = None  # batch size of the probe pair just taken
@@ -288,7 +298,7 @@ class DraftPolicy:
         for bl, acc in acceptance.items():
             self.acceptance[bl] = acc
         self._backoff = backoff
-        self._best_memo.clear()
+        self._ratings.clear()
 
     def rate(self, layout: DecodeLayout | None, batch_size: int) -> float:
         """Predicted tokens/s of a step of ``layout`` (None: plain AR) at ``batch_size``."""
@@ -307,17 +317,16 @@ class DraftPolicy:
                 best, best_rate = lay, r
         return best, (best_rate if best is not None else plain), plain
 
-    def _rated(self, batch_size: int) -> list:
-        """``[call, cost model, best(batch_size), {probe layout: TiDAR/plain step-cost ratio}]``,
-        redone every ``refresh_every`` calls at that batch size (and at once after a probe pair
-        there, or when the cost model was replaced): rating every layout costs ~20 us of
-        Python, more than the rest of a plain step's bookkeeping, and the models move slowly."""
-        hit = self._best_memo.get(batch_size)
-        if (hit is not None and self._calls - hit[0] < self.refresh_every and hit[1] is self.costs
-                and self._probed != batch_size):
-            return hit
-        hit = self._best_memo[batch_size] = [self._calls, self.costs, self.best(batch_size), {}]
-        return hit
+    def _rated(self, batch_size: int) -> "_Rating":
+        """The rating of ``batch_size``, redone every ``refresh_every`` calls there (and at once
+        after a probe pair there, or when the cost model was replaced): rating every layout
+        costs ~20 us of Python, more than the rest of a plain step's bookkeeping, and the
+        models move slowly."""
+        r = self._ratings.get(batch_size)
+        if (r is None or self._calls - r.call >= self.refresh_every or r.costs is not self.costs
+                or self._probed == batch_size):
+            r = self._ratings[batch_size] = _Rating(self._calls, self.costs, self.best(batch_size))
+        return r
 
     def choose(self, batch_size: int) -> DecodeLayout | None:
         if batch_size <= 0:
@@ -333,17 +342,17 @@ class DraftPolicy:
         if self._probe:
             return self._probe.pop()
         rated = self._rated(batch_size)
-        lay, rate, plain = rated[2]
+        lay, rate, plain = rated.best
         if self._probed == batch_size and lay is None:  # the probe confirmed plain AR: space the next one out
             self._backoff[batch_size] = min(2 * self._backoff.get(batch_size, 1), self.max_backoff)
         self._probed = None
         if lay is None:
             self._off_steps += 1
             probe = self.widest[self.block_lengths[self._probe_turn % len(self.block_lengths)]]
-            ratio = rated[3].get(probe)
+            ratio = rated.probe_ratio.get(probe)
             if ratio is None:
-                ratio = rated[3][probe] = (self.costs.predict(True, batch_size, batch_size * probe.num_tokens)
-                                           / self.costs.predict(False, batch_size, batch_size))
+                ratio = rated.probe_ratio[probe] = (self.costs.predict(True, batch_size, batch_size * probe.num_tokens)
+                                                    / self.costs.predict(False, batch_size, batch_size))
             interval = 2 * ratio / self.probe_overhead * self._backoff.get(batch_size, 1)
             if self._off_steps >= interval:  # two probe steps per interval
                 self._off_steps, self._probe_turn = 0, self._probe_turn + 1
