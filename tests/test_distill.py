@@ -12,7 +12,10 @@ from transformers import AutoTokenizer
 from vllm_helpers import ENGINE_ENV, tiny_checkpoint
 from vllm_tidar.checkpoint import load_tidar
 from vllm_tidar.cli import main
-from vllm_tidar.distill import META_SUFFIX, DistillConfig, EvalFilter, distill
+from vllm_tidar.code_headers import function_headers
+from vllm_tidar.data import read_documents
+from vllm_tidar.distill import META_SUFFIX, DistillConfig, EvalFilter, distill, draw_header_prompts
+from vllm_tidar.errors import TidarError
 from vllm_tidar.reference import ReferenceDecoder
 
 LEAKED = list(read_problems().values())[:10]
@@ -111,6 +114,38 @@ def test_resume_appends_the_missing_samples_as_one_run_would(corpus, fresh, tmp_
     greedy = _rows(fresh[0].out)
     assert [r["prompt_ids"] for r in _rows(whole)] == [r["prompt_ids"] for r in greedy]
     assert [r["completion_ids"] for r in _rows(whole)] != [r["completion_ids"] for r in greedy]
+
+
+def test_header_prompts_end_where_a_function_header_ends(corpus, tmp_path):
+    """``--prompt-kind headers``: each prompt is the end of a corpus file up to a header's end (its
+    def line whole inside), tokenized on its own, within the lengths; HumanEval's are refused;
+    the draw is seeded; a corpus with too few headers is a one-line error."""
+    cfg = _cfg(corpus, tmp_path / "h.jsonl", prompt_kind="headers", prompt_lengths=(16, 160), num_samples=8)
+    texts = [t for _, t in read_documents(corpus, "corpus")]
+    tok = AutoTokenizer.from_pretrained(cfg.checkpoint)
+    f = EvalFilter()
+    refuse = lambda ids: f.reason(tok.decode(ids))  # noqa: E731
+    prompts, refused = draw_header_prompts(texts, tok, cfg, refuse)
+    assert refused["humaneval"] > 0  # the leaked HumanEval problems are def lines with docstrings
+    ends = {t[: e] for t in texts for _, e in function_headers(t)}
+    lines = {t[s:e].splitlines()[0] for t in texts for s, e in function_headers(t)}
+    for p in prompts:
+        text = tok.decode(p)
+        assert len(p) <= 160 and tok(text, add_special_tokens=False)["input_ids"] == p
+        assert any(end.endswith(text) for end in ends)
+        assert any(line in text for line in lines)
+        assert f.reason(text) is None
+    assert len({tuple(p) for p in prompts}) == 8
+    assert draw_header_prompts(texts, tok, cfg, refuse) == (prompts, refused)
+    other = draw_header_prompts(texts, tok, _cfg(corpus, cfg.out, prompt_kind="headers", prompt_lengths=(16, 160),
+                                                 num_samples=8, seed=1), refuse)[0]
+    assert other != prompts
+    with pytest.raises(TidarError, match="gives only .* function-header prompts of at most 160 tokens, fewer than 9999"):
+        draw_header_prompts(texts, tok, _cfg(corpus, cfg.out, prompt_kind="headers", prompt_lengths=(16, 160),
+                                             num_samples=9999), refuse)
+    assert cfg.settings()["prompt_kind"] == "headers" and "prompt_kind" not in _cfg(corpus, cfg.out).settings()
+    with pytest.raises(TidarError, match="prompt kind must be one of windows, headers"):
+        _cfg(corpus, cfg.out, prompt_kind="lines").validate()
 
 
 def test_overlap_rules(tmp_path):

@@ -19,21 +19,23 @@ def setup():
     return model, mask_id, tokens
 
 
-def hand_row_losses(model, tokens, mask_id):
+def hand_row_losses(model, tokens, mask_id, per_token=False):
     """Per-row CE sums from plain forwards: the clean half is the causal model on the row; mask
-    block b is a forward of [x_0..x_{b*Bl-1}, Bl masks] whose masks see the prefix and each other."""
+    block b is a forward of [x_0..x_{b*Bl-1}, Bl masks] whose masks see the prefix and each other.
+    ``per_token``: the mask half's CE per token (B, S) instead of its sum."""
     with torch.no_grad():
         logits = model(input_ids=tokens).logits
         ar = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").sum(1)
-        diff = torch.zeros(tokens.shape[0], dtype=logits.dtype)
+        diff = []
         for b in range(S // BL):
             n = b * BL
             ids = torch.cat([tokens[:, :n], torch.full((tokens.shape[0], BL), mask_id)], 1)
             see = torch.ones(n + BL, n + BL, dtype=torch.bool).tril()
             see[n:, n:] = True
             out = model(input_ids=ids, attention_mask=see[None, None].expand(tokens.shape[0], 1, -1, -1)).logits
-            diff += F.cross_entropy(out[:, n:].transpose(1, 2), tokens[:, n : n + BL], reduction="none").sum(1)
-    return ar, diff
+            diff.append(F.cross_entropy(out[:, n:].transpose(1, 2), tokens[:, n : n + BL], reduction="none"))
+    diff = torch.cat(diff, 1)
+    return ar, diff if per_token else diff.sum(1)
 
 
 def test_row_losses_are_the_per_row_cross_entropy_sums(setup):
@@ -67,6 +69,30 @@ def test_unweighted_loss_is_the_plain_token_mean(setup):
     ar, diff = hand_row_losses(model, tokens, mask_id)
     assert l_ar.item() == pytest.approx(ar.sum().item() / (3 * (S - 1)), rel=1e-5)
     assert l_diff.item() == pytest.approx(diff.sum().item() / (3 * S), rel=1e-5)
+
+
+def test_diffusion_targets_limit_the_mask_half_to_their_tokens(setup):
+    """``diff_targets``: a row's diffusion sum runs over its target tokens only, and L_Diff is the
+    weighted mean over the target tokens (normaliser sum_r d_r n_r)."""
+    from vllm_tidar.objective import combine
+
+    model, mask_id, tokens = setup
+    layout = TrainingLayout(S, BL)
+    targets = torch.zeros(3, S, dtype=torch.bool)
+    targets[0] = True
+    targets[1, 5:] = True  # a prompt of 5 tokens, then the continuation
+    targets[2, 3:9] = True
+    with torch.no_grad():
+        parts = row_losses(model, tokens, layout, mask_id, diff_targets=targets)
+    _, per_tok = hand_row_losses(model, tokens, mask_id, per_token=True)
+    want = (per_tok * targets).sum(1)
+    torch.testing.assert_close(parts.diff.double(), want, rtol=1e-5, atol=1e-5)
+    w = RowWeights(torch.ones(3), torch.tensor([0.5, 1.0, 2.0]), torch.ones(3))
+    norms = w.normalisers(layout, 1, targets.sum(1)[None].float())
+    assert norms[1] == pytest.approx(0.5 * S + 1.0 * (S - 5) + 2.0 * 6)
+    assert norms[0] == w.normalisers(layout)[0]
+    _, _, l_diff, _ = combine(parts, w, norms, 1.0)
+    assert l_diff.item() == pytest.approx(((w.diff.double() * want).sum() / norms[1]).item(), rel=1e-5)
 
 
 def test_a_zero_weight_makes_a_rows_tokens_irrelevant(setup):

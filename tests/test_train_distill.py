@@ -7,7 +7,7 @@ import torch
 
 from vllm_helpers import tiny_checkpoint
 from vllm_tidar.cli import main
-from vllm_tidar.data import pack, pack_ids, read_texts
+from vllm_tidar.data import pack, pack_ids, pack_targets, read_texts
 from vllm_tidar.distill import read_samples
 from vllm_tidar.layout import TrainingLayout
 from vllm_tidar.mixing import MixedBatches
@@ -67,6 +67,33 @@ def test_first_step_logs_the_configured_weighted_losses(data, distilled, tmp_pat
         assert entry[key] == pytest.approx(value.item(), rel=1e-5), key
     assert abs(entry["l_kl"]) < 1e-6  # the frozen base is the starting model
     assert entry["loss"] == pytest.approx((entry["l_ar"] + entry["l_diff"]) / 2 + 0.1 * entry["l_kl"], rel=1e-6)
+
+
+def test_completion_only_diffusion_learns_the_continuations_not_the_prompts(data, distilled, tmp_path):
+    """``--distill-completion-only``: a distilled row's diffusion targets are its samples'
+    continuation tokens (not their 10 prompt tokens, not the EOS packing appends); real rows keep
+    all; the logged distilled L_Diff is the mean over those targets."""
+    cfg = _cfg(data, distilled, tmp_path / "o", distill_completion_only=True)
+    model, tok, mask_id = _load(cfg)
+    pairs = read_samples(distilled, split=True)
+    assert [p + c for p, c in pairs] == read_samples(distilled)
+    docs = [p + c for p, c in pairs]
+    targets = pack_targets(docs, [len(p) for p, _ in pairs], tok.eos_token_id, S)
+    flat = ([False] * 10 + [True] * 30 + [False]) * 6  # 10 prompt, 30 continuation tokens, the EOS
+    assert targets.flatten().tolist() == flat[: targets.numel()]
+    mix = MixedBatches(pack(read_texts(data), tok, S), pack_ids(docs, tok.eos_token_id, S), cfg, targets)
+    batch, t = mix.rows(0), mix.targets(0)
+    assert t[:2].all() and not t[2:].all() and t[2:].any()
+    assert mix.diff_tokens(range(1)).tolist() == [t.sum(1).tolist()]
+    with torch.no_grad():
+        masked = row_losses(model, batch, TrainingLayout(S, 4), mask_id, diff_targets=t).diff.double()
+        full = row_losses(model, batch, TrainingLayout(S, 4), mask_id).diff.double()
+    train(cfg, progress=False)
+    entry = _log(tmp_path / "o")[0]
+    want = (masked[2] + masked[3]) / t[2:].sum()
+    assert entry["l_diff_distill"] == pytest.approx(want.item(), rel=1e-5)
+    assert entry["l_diff_distill"] != pytest.approx(((full[2] + full[3]) / (2 * S)).item(), rel=1e-3)
+    assert entry["l_diff_real"] == pytest.approx(((full[0] + full[1]) / (2 * S)).item(), rel=1e-5)
 
 
 def test_resume_with_distilled_rows_repeats_the_uninterrupted_run(data, distilled, tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import DEMO_CHECKPOINT
+from .distill import PROMPT_KINDS
 from .draft_adapter import TARGETS
 from .errors import TidarError
 
@@ -49,7 +50,8 @@ def cmd_train(args) -> int:
         resume=args.resume, activation_checkpointing=args.activation_checkpointing,
         distill_data=args.distill_data, distill_ratio=args.distill_ratio, real_diff_weight=args.real_diff_weight,
         distill_ar_weight=args.distill_ar_weight, kl_weight=args.kl_weight, distill_kl_weight=args.distill_kl_weight,
-        distill_min_distinct_4=args.distill_min_distinct_4, draft_adapter_rank=args.draft_adapter_rank,
+        distill_min_distinct_4=args.distill_min_distinct_4, distill_completion_only=args.distill_completion_only,
+        draft_adapter_rank=args.draft_adapter_rank,
         draft_adapter_targets=tuple(args.draft_adapter_targets),
     )
     if args.nproc != 1 and "LOCAL_RANK" not in os.environ:  # launch the ranks with torchrun
@@ -75,13 +77,13 @@ def cmd_distill_data(args) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     cfg = DistillConfig(
         checkpoint=args.checkpoint, corpus=args.corpus, out=args.out, num_samples=args.num_samples,
-        prompt_lengths=(args.prompt_lengths[0], args.prompt_lengths[-1]), completion_len=args.max_tokens,
-        temperature=args.temperature, batch_size=args.batch_size, held_out=args.held_out, seed=args.seed,
+        prompt_lengths=(args.prompt_lengths[0], args.prompt_lengths[-1]), prompt_kind=args.prompt_kind,
+        completion_len=args.max_tokens, temperature=args.temperature, batch_size=args.batch_size, held_out=args.held_out, seed=args.seed,
         dtype=args.dtype, resume=args.resume,
     )
     r = distill(cfg)
     refused = ", ".join(f"{k} {v}" for k, v in sorted(r["refused"].items())) or "none"
-    print(f"{cfg.out}: {r['samples']} samples ({r['new']} new); prompt windows refused for overlapping the "
+    print(f"{cfg.out}: {r['samples']} samples ({r['new']} new); prompts refused for overlapping the "
           f"evaluation sets: {sum(r['refused'].values())} ({refused}); corpus files skipped as evaluation "
           f"sources: {len(r['skipped_files'])}")
 
@@ -210,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the .jsonl to write: {sample, prompt_ids, completion_ids} per line")
     x.add_argument("--num-samples", type=int, default=1000)
     x.add_argument("--prompt-lengths", type=_ints, default=(32, 96), help="MIN,MAX prompt tokens (default 32,96)")
+    x.add_argument("--prompt-kind", choices=PROMPT_KINDS, default="windows",
+                   help="windows: random corpus windows (default); headers: text ending at a function header "
+                   "(a def line and its docstring), where a function body follows")
     x.add_argument("--max-tokens", type=int, default=160, help="new tokens per prompt, fewer at EOS (default 160)")
     x.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled, seeded per sample")
     x.add_argument("--batch-size", type=int, default=64, help="prompts per vLLM generate call")
@@ -257,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-min-distinct-4", type=float, default=0.0,
                    help="train only on distilled samples whose continuation has at least this share of distinct "
                         "4-grams (drops the base's loops; default 0: all)")
+    t.add_argument("--distill-completion-only", action="store_true",
+                   help="the diffusion loss of distilled rows learns their continuations only (what the AR model "
+                        "says), not the corpus text of their prompts")
     t.add_argument("--draft-adapter-rank", type=int, default=0,
                    help="freeze the base and train a draft adapter of this rank: low-rank weights only the [MASK] "
                         "rows run through, so the AR model and its output stay the base's exactly (default 0: off)")

@@ -81,7 +81,23 @@ def pack_ids(docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tens
         ids.extend(doc)
         if eos is not None and (not doc or doc[-1] != eos):
             ids.append(eos)
-    rows = len(ids) // seq_len
+    return _rows(ids, seq_len, torch.long)
+
+
+def pack_targets(docs: list[list[int]], first: list[int], eos: int | None, seq_len: int) -> torch.Tensor:
+    """The (rows, seq_len) bool tensor, aligned with ``pack_ids(docs, eos, seq_len)``, of the
+    tokens at or after index ``first[i]`` of document ``i`` (a distilled sample's continuation
+    after its prompt); an EOS that packing appends is not one."""
+    flags: list[bool] = []
+    for doc, start in zip(docs, first, strict=True):
+        flags.extend(i >= start for i in range(len(doc)))
+        if eos is not None and (not doc or doc[-1] != eos):
+            flags.append(False)
+    return _rows(flags, seq_len, torch.bool)
+
+
+def _rows(values: list, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    rows = len(values) // seq_len
     if rows == 0:
-        raise TidarError(f"training data has {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+        raise TidarError(f"training data has {len(values)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(values[: rows * seq_len], dtype=dtype).view(rows, seq_len)

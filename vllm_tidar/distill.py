@@ -1,7 +1,10 @@
 """``vllm-tidar distill-data``: the model's own AR continuations of corpus prompts, made with vLLM, as token ids.
 
-Prompts are windows of ``prompt_lengths`` tokens drawn (seeded) from the corpus documents;
-each is continued by the TiDAR checkpoint served as plain AR (``tidar_mode="ar"``), or by
+Prompts (``prompt_kind``) are windows of ``prompt_lengths`` tokens drawn (seeded) from the
+corpus documents (``windows``), or the text that ends where a function header ends, a ``def``
+line and its docstring (``code_headers``), taken with the file before it to a seeded length in
+``prompt_lengths`` (``headers``: the shape of HumanEval and of code-completion requests, where a
+function body follows). Each is continued by the TiDAR checkpoint served as plain AR (``tidar_mode="ar"``), or by
 the AR base before its conversion (served as itself), greedy or sampled, and written as one
 JSON line ``{"sample": i, "prompt_ids": [...], "completion_ids": [...]}``. The draw depends only on the corpus, the tokenizer, the seed,
 the lengths and the evaluation sets, so ``resume`` recomputes it and appends the samples
@@ -28,11 +31,14 @@ from types import SimpleNamespace
 from tqdm.auto import tqdm
 
 from .checkpoint import TidarSettings, check_family, read_config
+from .code_headers import function_headers
 from .data import read_documents, read_texts
 from .errors import TidarError
 from .repetition import distinct_4
 
 OVERLAP_WORDS = 13
+PROMPT_KINDS = ("windows", "headers")
+_CONTEXT_CHARS = 8  # characters of file text looked at per prompt token before a header
 META_SUFFIX = ".meta.json"  # next to the .jsonl: the settings that made it, and what was refused
 
 
@@ -43,6 +49,7 @@ class DistillConfig:
     out: str  # the .jsonl written
     num_samples: int = 1000
     prompt_lengths: tuple[int, int] = (32, 96)  # prompt tokens, drawn uniformly in [min, max]
+    prompt_kind: str = "windows"  # PROMPT_KINDS: random windows, or text ending at a function header
     completion_len: int = 160  # new tokens per prompt (fewer when the model ends with EOS)
     temperature: float = 0.0  # 0: greedy; > 0: sampled, seeded per sample
     batch_size: int = 64  # prompts per vLLM generate call
@@ -59,6 +66,8 @@ class DistillConfig:
             raise TidarError("completion length, number of samples and batch size must be positive")
         if self.temperature < 0:
             raise TidarError(f"temperature must be >= 0, got {self.temperature}")
+        if self.prompt_kind not in PROMPT_KINDS:
+            raise TidarError(f"prompt kind must be one of {', '.join(PROMPT_KINDS)}, got {self.prompt_kind!r}")
         if Path(self.out).suffix != ".jsonl":
             raise TidarError(f"output {self.out} must be a .jsonl file")
 
@@ -71,6 +80,8 @@ class DistillConfig:
         for k in ("checkpoint", "corpus", "held_out"):
             d[k] = d[k] and str(Path(d[k]).resolve())
         d["overlap_words"] = OVERLAP_WORDS
+        if self.prompt_kind == "windows":
+            d.pop("prompt_kind")  # as files made before prompt kinds record it, so they still resume
         return d
 
 
@@ -160,9 +171,46 @@ def draw_prompts(docs: list[list[int]], cfg: DistillConfig, refuse) -> tuple[lis
     return prompts, refused
 
 
-def read_samples(path: str | Path, vocab_size: int | None = None, min_distinct_4: float = 0.0) -> list[list[int]]:
-    """``prompt_ids + completion_ids`` of every sample of a distill-data file whose
-    continuation has at least ``min_distinct_4`` distinct 4-grams (0: every sample)."""
+def draw_header_prompts(texts: list[str], tok, cfg: DistillConfig, refuse) -> tuple[list[list[int]], Counter]:
+    """``cfg.num_samples`` prompts that end where a function header of the corpus ends, in a
+    seeded order over all its headers; ``refuse(ids)`` as in ``draw_prompts``.
+
+    A prompt is the header with as much of the file before it as makes a length drawn in
+    ``cfg.prompt_lengths`` (tokenized on its own, as a request's prompt is); a header longer
+    than the maximum is passed over."""
+    lo, hi = cfg.prompt_lengths
+    spans = [(d, span) for d, text in enumerate(texts) for span in function_headers(text)]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(spans)
+    prompts: list[list[int]] = []
+    refused: Counter = Counter()
+    for d, (start, end) in spans:
+        if len(prompts) == cfg.num_samples:
+            break
+        length = rng.randint(lo, hi)
+        first = max(0, start - _CONTEXT_CHARS * hi)
+        offsets = tok(texts[d][first:end], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        in_header = next(i for i, (a, b) in enumerate(offsets) if first + b > start)  # first token reaching the header
+        cut = first + offsets[min(max(0, len(offsets) - length), in_header)][0]
+        ids = tok(texts[d][cut:end], add_special_tokens=False)["input_ids"]
+        if len(ids) > hi:
+            continue
+        why = refuse(ids)
+        if why:
+            refused[why] += 1
+        else:
+            prompts.append(ids)
+    if len(prompts) < cfg.num_samples:
+        raise TidarError(f"the corpus gives only {len(prompts)} function-header prompts of at most {hi} tokens, "
+                         f"fewer than {cfg.num_samples} ({sum(refused.values())} overlapped the evaluation sets)")
+    return prompts, refused
+
+
+def read_samples(path: str | Path, vocab_size: int | None = None, min_distinct_4: float = 0.0,
+                 split: bool = False) -> list:
+    """``prompt_ids + completion_ids`` (with ``split``: the pair) of every sample of a
+    distill-data file whose continuation has at least ``min_distinct_4`` distinct 4-grams (0:
+    every sample)."""
     samples = []
     looped = 0
     for n, row in _read_lines(Path(path)):
@@ -175,7 +223,7 @@ def read_samples(path: str | Path, vocab_size: int | None = None, min_distinct_4
         if min_distinct_4 and distinct_4(ids[1]) < min_distinct_4:
             looped += 1
             continue
-        samples.append(seq)
+        samples.append(ids if split else seq)
     if not samples:
         raise TidarError(f"distilled data {path} holds no samples"
                          + (f" with distinct-4 >= {min_distinct_4} ({looped} below)" if looped else ""))
@@ -252,8 +300,11 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     if not texts:
         raise TidarError(f"every document of corpus {cfg.corpus} is an evaluation source")
     tok = AutoTokenizer.from_pretrained(cfg.checkpoint, local_files_only=True)
-    token_docs = tok(texts, add_special_tokens=False)["input_ids"]
-    prompts, refused = draw_prompts(token_docs, cfg, lambda ids: evals.reason(tok.decode(ids)))
+    refuse = lambda ids: evals.reason(tok.decode(ids))  # noqa: E731
+    if cfg.prompt_kind == "headers":
+        prompts, refused = draw_header_prompts(texts, tok, cfg, refuse)
+    else:
+        prompts, refused = draw_prompts(tok(texts, add_special_tokens=False)["input_ids"], cfg, refuse)
     done = _done_samples(out, cfg, prompts) if cfg.resume else 0
     report = {"settings": cfg.settings(), "samples": cfg.num_samples, "new": cfg.num_samples - done,
               "refused": dict(refused), "skipped_files": skipped}

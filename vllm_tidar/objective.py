@@ -1,12 +1,13 @@
 """The TiDAR training loss with per-row weights, and an optional KL anchor to a frozen base.
 
 Per row r of a step: ``ar_r`` and ``diff_r`` are the sums of the token cross-entropies of its
-clean half (``S-1`` labelled tokens, shifted) and its mask half (``S`` tokens, unshifted);
-``kl_r`` is the sum over the same ``S-1`` clean positions of KL(base || model). With row
-weights ``a_r``, ``d_r``, ``k_r`` the step's losses are weighted means over tokens::
+clean half (``S-1`` labelled tokens, shifted) and its mask half (``S`` tokens, unshifted; with
+diffusion targets, only its ``n_r`` target tokens, else ``n_r = S``); ``kl_r`` is the sum over
+the same ``S-1`` clean positions of KL(base || model). With row weights ``a_r``, ``d_r``,
+``k_r`` the step's losses are weighted means over tokens::
 
     L_AR   = sum_r a_r ar_r / ((S-1) sum_r a_r)
-    L_Diff = sum_r d_r diff_r / (S sum_r d_r)
+    L_Diff = sum_r d_r diff_r / (sum_r d_r n_r)
     L_KL   = sum_r k_r kl_r / ((S-1) sum_r k_r)
     loss   = (alpha L_AR + L_Diff) / (1 + alpha) + kl_weight L_KL
 
@@ -49,16 +50,20 @@ class RowWeights:
     def __getitem__(self, idx) -> "RowWeights":
         return RowWeights(self.ar[idx], self.diff[idx], self.kl[idx])
 
-    def normalisers(self, layout: TrainingLayout, repeats: int = 1) -> tuple[float, float, float]:
-        """Weighted labelled-token counts (AR, Diff, KL) of ``repeats`` batches with these weights."""
+    def normalisers(self, layout: TrainingLayout, repeats: int = 1,
+                    diff_tokens: torch.Tensor | None = None) -> tuple[float, float, float]:
+        """Weighted labelled-token counts (AR, Diff, KL) of ``repeats`` batches with these weights;
+        ``diff_tokens`` (repeats, B): each row's diffusion target tokens (default: all ``S``)."""
         n_ar, n_diff = layout.labelled_per_row
-        return (repeats * n_ar * self.ar.sum().item(), repeats * n_diff * self.diff.sum().item(),
-                repeats * n_ar * self.kl.sum().item())
+        diff = (repeats * n_diff * self.diff.sum().item() if diff_tokens is None
+                else (self.diff * diff_tokens).sum().item())
+        return repeats * n_ar * self.ar.sum().item(), diff, repeats * n_ar * self.kl.sum().item()
 
 
 def row_losses(model, tokens: torch.Tensor, layout: TrainingLayout, mask_id: int, base=None,
-               frozen_clean: bool = False) -> RowLosses:
-    """Per-row loss sums of clean rows ``tokens`` (B, S); ``base``: a frozen AR model for the KL term.
+               frozen_clean: bool = False, diff_targets: torch.Tensor | None = None) -> RowLosses:
+    """Per-row loss sums of clean rows ``tokens`` (B, S); ``base``: a frozen AR model for the KL term;
+    ``diff_targets`` (B, S) bool: the tokens the mask half learns (default: all).
 
     ``frozen_clean``: no gradient can reach the clean half (a frozen model with a draft adapter
     that runs on mask rows only, and clean rows never attend to mask rows), so the clean half
@@ -80,7 +85,8 @@ def row_losses(model, tokens: torch.Tensor, layout: TrainingLayout, mask_id: int
         clean, masks = layout.halves(logits)
     ar_labels, diff_labels = layout.labels(tokens)
     ar = F.cross_entropy(clean.transpose(1, 2), ar_labels, ignore_index=-100, reduction="none").sum(1)
-    diff = F.cross_entropy(masks.transpose(1, 2), diff_labels, reduction="none").sum(1)
+    diff = F.cross_entropy(masks.transpose(1, 2), diff_labels, reduction="none")
+    diff = (diff if diff_targets is None else diff * diff_targets.to(dev)).sum(1)
     kl = None
     if base is not None:
         with torch.no_grad():  # the clean half is causal over the clean tokens: the base's plain forward

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_tidar
+from .code_headers import function_headers, header_text
 from .errors import TidarError
 from .reference import ReferenceDecoder
 from .repetition import MIN_DISTINCT_4, distinct_4
@@ -43,23 +43,16 @@ def humaneval_prompts(limit: int | None = None) -> list[str]:
 
 
 def source_prompts(folder: str | Path, limit: int | None = None) -> list[str]:
-    """Function headers of the ``.py`` files under ``folder`` (sorted): each top-level or
-    method ``def`` line with the docstring right after it, up to 12 lines."""
-    root = Path(folder)
-    files = sorted(root.rglob("*.py"))
+    """Function headers (``code_headers.function_headers``) of the ``.py`` files under
+    ``folder`` (sorted): each top-level or method ``def`` line with the docstring right after
+    it, up to 12 lines."""
+    files = sorted(Path(folder).rglob("*.py"))
     if not files:
         raise TidarError(f"held-out prompt folder {folder}: no .py files")
     out = []
     for f in files:
-        lines = f.read_text(encoding="utf-8", errors="ignore").splitlines()
-        for i, line in enumerate(lines):
-            if re.match(r"\s*def \w+\(", line) and i + 1 < len(lines) and '"""' in lines[i + 1]:
-                head = [line]
-                for j, nxt in enumerate(lines[i + 1 : i + 12]):
-                    head.append(nxt)
-                    if nxt.count('"""') >= (2 if j == 0 else 1):  # the docstring closes
-                        break
-                out.append("\n".join(head) + "\n")
+        text = f.read_text(encoding="utf-8", errors="ignore")
+        out += [header_text(text, span) for span in function_headers(text)]
     return out[:limit]
 
 

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import TidarSettings, check_family, ensure_mask_token, read_config, read_settings, save_tidar
-from .data import pack, pack_ids, read_texts
+from .data import pack, pack_ids, pack_targets, read_texts
 from .distill import read_samples
 from .draft_adapter import TARGETS, AdapterSpec, DraftAdapter, attach_hf
 from .distributed import DistEnv, checkpoint_activations, full_state_dict, init_from_env, load_sharded, save_sharded, shard
@@ -73,6 +73,7 @@ class TrainConfig:
     distill_ar_weight: float = 0.0  # L_AR weight of distilled rows (their L_Diff weight is 1)
     distill_kl_weight: float = 0.0  # L_KL row weight of distilled rows (real rows: 1)
     distill_min_distinct_4: float = 0.0  # drop distilled samples whose continuation loops (distinct 4-grams below this)
+    distill_completion_only: bool = False  # distilled rows' diffusion loss on the continuations only, not the prompts
     kl_weight: float = 0.0  # weight of KL(frozen base || model) of the AR head on real rows
     draft_adapter_rank: int = 0  # > 0: freeze the base, train a draft adapter of this rank (mask rows only)
     draft_adapter_targets: tuple[str, ...] = TARGETS  # the projections it adapts
@@ -154,12 +155,15 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     texts = read_texts(cfg.data)
     model, tokenizer, mask_id = _load(cfg, env.device)
     adapter = _draft_adapter(cfg, model, mask_id)
-    distilled = None
+    distilled = targets = None
     if cfg.distill_data:
         vocab = model.get_input_embeddings().weight.shape[0]
-        distilled = pack_ids(read_samples(cfg.distill_data, vocab, cfg.distill_min_distinct_4),
-                             tokenizer.eos_token_id, cfg.seq_len)
-    mix = MixedBatches(pack(texts, tokenizer, cfg.seq_len), distilled, cfg)
+        pairs = read_samples(cfg.distill_data, vocab, cfg.distill_min_distinct_4, split=True)
+        docs, eos = [p + c for p, c in pairs], tokenizer.eos_token_id
+        distilled = pack_ids(docs, eos, cfg.seq_len)
+        if cfg.distill_completion_only:
+            targets = pack_targets(docs, [len(p) for p, _ in pairs], eos, cfg.seq_len)
+    mix = MixedBatches(pack(texts, tokenizer, cfg.seq_len), distilled, cfg, targets)
     base = _frozen_base(cfg, env.device) if cfg.kl_weight else None
     layouts = [TrainingLayout(cfg.seq_len, bl) for bl in cfg.block_lengths]
     settings = TidarSettings(cfg.block_lengths[0], mask_id, block_lengths=tuple(cfg.block_lengths),
@@ -201,24 +205,28 @@ def _train(cfg: TrainConfig, env: DistEnv, progress: bool) -> Path:
     t0, seen = time.perf_counter(), 0
     for step in bar:
         layout = layouts[step % len(layouts)]
-        norms = mix.weights.normalisers(layout, cfg.grad_accum)  # the whole step's rows, all ranks
+        groups = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
+        diff_tokens = mix.diff_tokens(groups)
+        norms = mix.weights.normalisers(layout, cfg.grad_accum, diff_tokens)  # the whole step's rows, all ranks
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = defaultdict(float)  # this rank's share of each loss of the step
-        for m in range(cfg.grad_accum):
-            batch = mix.rows(step * cfg.grad_accum + m, mine).to(env.device)
+        for g in groups:
+            batch = mix.rows(g, mine).to(env.device)
             if env.world > 1:
-                model.set_requires_gradient_sync(m == cfg.grad_accum - 1)  # reduce-scatter once per step
+                model.set_requires_gradient_sync(g == groups[-1])  # reduce-scatter once per step
             with autocast:
-                parts = row_losses(model, batch, layout, mask_id, base, frozen_clean=frozen_clean)
+                parts = row_losses(model, batch, layout, mask_id, base, frozen_clean=frozen_clean,
+                                   diff_targets=mix.targets(g, mine))
                 loss, l_ar, l_diff, l_kl = combine(parts, mix.weights[mine], norms, cfg.alpha, cfg.kl_weight)
             (loss * env.world).backward()  # FSDP averages gradients over ranks; the shares add up
             for key, value in (("loss", loss), ("l_ar", l_ar), ("l_diff", l_diff), ("l_kl", l_kl)):
                 logs[key] += value.item()
             with torch.no_grad():
                 for name, w in sources:  # unweighted means per source
-                    _, s_ar, s_diff, _ = combine(parts, w[mine], w.normalisers(layout, cfg.grad_accum), cfg.alpha)
+                    _, s_ar, s_diff, _ = combine(parts, w[mine], w.normalisers(layout, cfg.grad_accum, diff_tokens),
+                                                 cfg.alpha)
                     logs[f"l_ar_{name}"] += s_ar.item()
                     logs[f"l_diff_{name}"] += s_diff.item()
             seen += batch.numel() * 2 * env.world
