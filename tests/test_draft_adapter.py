@@ -163,11 +163,13 @@ def test_adapter_training_errors(data, tmp_path, capsys):
     assert "asks for another" in capsys.readouterr().err
 
 
-def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
+@pytest.mark.parametrize("merged_dtype", [torch.float32, torch.bfloat16])
+def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base(merged_dtype):
     """``VLLMDraftAdapter`` on a CPU layer packed by vLLM's GEMM dispatch: in the steady state
     the verify rows of each block are the base GEMM's bit for bit, the mask rows equal base
     plus the low-rank pair; in a mixed batch (routed rows given with repeats of weight 0) the
-    same holds row by row; with no rows the layer is the base."""
+    same holds row by row; with no rows the layer is the base. bf16 merged weights (drafts
+    only): the same, mask rows to bf16 precision, every row back in fp32."""
     from torch import nn
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
@@ -191,8 +193,9 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
         for p in adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     a, b = adapter.a[0].detach(), adapter.b[0].detach()
-    vad = VLLMDraftAdapter(root, adapter, "cpu", torch.float32)
+    vad = VLLMDraftAdapter(root, adapter, "cpu", torch.float32, merged_dtype)
     vad.merge_base()  # in the model's load_weights, before vLLM packs the base
+    tol = dict(rtol=1e-4, atol=1e-4) if merged_dtype == torch.float32 else dict(rtol=2e-2, atol=0.3)  # |out| ~ 30
     dispatch_cpu_unquantized_gemm(root.blk.o_proj, remove_weight=True)
     base = root.blk.o_proj.cpu_linear
     for n in (1, 3):
@@ -201,16 +204,19 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
         assert vad.split
         assert not root.blk.o_proj._forward_hooks  # the merged GEMM replaced the low-rank hook
         out = root.blk.o_proj(x).view(n, 10, -1)
+        assert out.dtype == torch.float32
         xv = x.view(n, 10, -1)
         assert torch.equal(out[:, :4], base(xv[:, :4].reshape(-1, 16), None, None).view(n, 4, -1))
-        torch.testing.assert_close(out[:, 4:], (xv[:, 4:] @ w.t()) + (xv[:, 4:] @ a) @ b, rtol=1e-4, atol=1e-4)
+        exact = (xv[:, 4:] @ w.t()) + (xv[:, 4:] @ a) @ b
+        torch.testing.assert_close(out[:, 4:], exact, **tol)
+        assert torch.allclose(out[:, 4:], exact, rtol=1e-5, atol=1e-5) == (merged_dtype == torch.float32)
     x = torch.randn(12, 16, generator=g)  # a prefill of 5 rows, then one step's 7 rows (5 routed)
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 11, 11, 11, 11, 11])
     weight = torch.tensor([0.0] * 7 + [1.0] * 5 + [0.0] * 6)[:, None]  # 11 again with weight 0
     vad.set_rows(rows, weight)
     out, routed = root.blk.o_proj(x), torch.arange(12) >= 7
     assert torch.equal(out[~routed], base(x[~routed], None, None))
-    torch.testing.assert_close(out[routed], x[routed] @ w.t() + (x[routed] @ a) @ b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[routed], x[routed] @ w.t() + (x[routed] @ a) @ b, **tol)
     vad.set_rows(rows, torch.zeros_like(weight))
     assert torch.equal(root.blk.o_proj(x), base(x, None, None))
     vad.set_rows(None)
@@ -223,11 +229,13 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base():
 @pytest.mark.slow
 def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     """In vLLM: greedy output equals AR's, and tokens, accepted drafts per step and drafts equal
-    the reference decoder's with the adapter (fused QKV / gate-up included); compile is turned off."""
+    the reference decoder's with the adapter (fused QKV / gate-up included) with fp32 merged
+    weights; compile is turned off. With bf16 merged weights (``tidar_draft_dtype``: the drafts
+    change, the verify rows do not) the output is still AR's and drafts are still accepted."""
     from vllm import SamplingParams
 
     from vllm_helpers import (MAX_MODEL_LEN, close_llm, generate, make_llm, prompt_set, proposed_drafts,
-                              reference_drafts, token_ids)
+                              reference_drafts, runner_model, token_ids)
 
     model, tok, settings = load_tidar(tiny_checkpoint(block_length=4))
     adapter = _random_adapter(model, rank=4, scale=0.3)
@@ -242,7 +250,17 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         ar = token_ids(generate(llm, prompts, greedy))
     finally:
         close_llm(llm)
-    llm = make_llm(ckpt, enforce_eager=False, per_request_spec_decode_metrics="detailed")
+    llm = make_llm(ckpt, hf_overrides={"tidar_draft_dtype": "bfloat16"}, per_request_spec_decode_metrics="detailed")
+    try:
+        out16 = generate(llm, prompts, greedy)
+        merged = runner_model(llm)._tidar_adapter._merged
+        assert merged and all(h.weight.dtype == torch.bfloat16 for h in merged.values())
+    finally:
+        close_llm(llm)
+    assert token_ids(out16) == ar
+    assert sum(sum(o.outputs[0].spec_decode_metrics.per_step_accepted) for o in out16) > 0
+    llm = make_llm(ckpt, enforce_eager=False, per_request_spec_decode_metrics="detailed",
+                   hf_overrides={"tidar_draft_dtype": "float32"})  # drafts exactly the reference decoder's
     try:
         assert llm.llm_engine.vllm_config.model_config.enforce_eager
         from vllm_tidar.draft_adapter import VLLMDraftAdapter

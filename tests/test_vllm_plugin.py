@@ -85,6 +85,10 @@ def test_speculative_config_rewrites():
         tidar_speculative_config({"method": "tidar"}, plain)
     with pytest.raises(TidarError, match="between 1 and 3"):
         tidar_speculative_config({"method": "tidar", "num_speculative_tokens": 0}, mc)
+    bf16 = _model_config(["TiDARLlamaForCausalLM"], tidar, tidar_draft_dtype="bfloat16")
+    assert tidar_speculative_config(None, bf16) == auto
+    with pytest.raises(TidarError, match="tidar_draft_dtype must be one of auto, float32, bfloat16, got 'fp8'"):
+        tidar_speculative_config(None, _model_config(["TiDARLlamaForCausalLM"], tidar, tidar_draft_dtype="fp8"))
 
 
 # --- attention backend ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ one-line errors for settings TiDAR cannot serve. Imported by the
 from __future__ import annotations
 
 from ..checkpoint import TidarSettings
+from ..draft_adapter import check_draft_dtype
 from ..errors import TidarError
 from ..layout import DecodeLayout, check_num_drafts
 from .common import MODEL_CLASSES, PROPOSER_PATH, is_tidar_proposer, plugin_logger
@@ -23,6 +24,8 @@ def tidar_speculative_config(spec: dict | None, model_config) -> dict | None:
     """Rewrite the user's ``speculative_config`` dict for a TiDAR target (see the patch)."""
     hf_config, name = model_config.hf_config, model_config.model
     is_tidar = _is_tidar_arch(model_config)
+    if is_tidar:
+        check_draft_dtype(getattr(hf_config, "tidar_draft_dtype", None))
     method = spec.get("method") if isinstance(spec, dict) else None
     if method == "tidar":
         if not is_tidar:

@@ -45,7 +45,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from ..checkpoint import TidarSettings
-from ..draft_adapter import DraftAdapter, VLLMDraftAdapter
+from ..draft_adapter import DraftAdapter, VLLMDraftAdapter, draft_dtype
 from ..errors import TidarError
 from ..layout import DecodeLayout, StepMask
 from .attention import TiDARCPUBackend
@@ -153,7 +153,8 @@ class _TiDARMixin:
         if self.tidar_layout is not None and self.tidar_settings.draft_adapter is not None:
             adapter = DraftAdapter.load(vllm_config.model_config.model, self.tidar_settings.draft_adapter)
             self._tidar_adapter_dtype = vllm_config.model_config.dtype
-            self._tidar_adapter = VLLMDraftAdapter(self, adapter, device, self._tidar_adapter_dtype)
+            merged = draft_dtype(getattr(hf_config, "tidar_draft_dtype", None), self._tidar_adapter_dtype, device)
+            self._tidar_adapter = VLLMDraftAdapter(self, adapter, device, self._tidar_adapter_dtype, merged)
         self._tidar_max_drafts = self.tidar_layout.num_drafts if self.tidar_layout is not None else 0
         self._tidar_state = _StepState()
         if self.tidar_layout is not None:
