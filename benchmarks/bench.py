@@ -32,10 +32,11 @@ import statistics
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vllm_tidar.checkpoint import DEMO_CHECKPOINT
+from vllm_tidar.draft_adapter import check_draft_dtype
 from vllm_tidar.errors import TidarError
 from vllm_tidar.layout import DecodeLayout, check_num_drafts
 from vllm_tidar.plugin.policy_cache import describe_start, engine_policy_start
@@ -237,12 +238,32 @@ def build_methods(args, info: dict, ckpt: Path) -> tuple[list[Method], list[str]
                 },
             )
         )
+    methods = with_draft_dtypes(methods, args.draft_dtypes)
     for m in methods:
         if m.kind != "ar" and m.baseline == "ar" and not any(x.name == "ar" for x in methods):
             m.baseline = ""
     if methods and not any(m.name in ("ar", "ar-llama") for m in methods):
         notes.append("No AR row selected: speedup and identity columns are empty.")
     return methods, notes
+
+
+def with_draft_dtypes(methods: list[Method], dtypes: list[str]) -> list[Method]:
+    """Every TiDAR row once per ``tidar_draft_dtype`` in ``dtypes`` (the draft adapter's merged
+    CPU weights), side by side in one run; a single ``auto`` leaves the rows as they are."""
+    for d in dtypes:
+        check_draft_dtype(d)
+    if dtypes == ["auto"]:
+        return methods
+    out = []
+    for m in methods:
+        if m.kind != "tidar":
+            out.append(m)
+            continue
+        for d in dtypes:
+            hf = {**m.engine.get("hf_overrides", {}), "tidar_draft_dtype": d}
+            name, label = (m.name, m.label) if len(dtypes) == 1 else (f"{m.name}-{d}", f"{m.label} [{d} drafts]")
+            out.append(replace(m, name=name, label=label, engine={**m.engine, "hf_overrides": hf}))
+    return out
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -496,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every batch size this many times on every engine; speedups are medians over "
                         "rounds of within-round ratios (default 1)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--draft-dtypes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=["auto"],
+                   help="tidar_draft_dtype of the TiDAR rows (auto, float32, bfloat16); several, e.g. auto,float32, "
+                        "run every TiDAR row once per dtype, interleaved (default auto)")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
     return p

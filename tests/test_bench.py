@@ -198,6 +198,8 @@ def test_bad_tidar_k_and_methods(tmp_path, capsys):
     assert "--tidar-k 8: K must be between 1 and 7 (block length 8)" in capsys.readouterr().err
     assert cli_main(["bench", "--methods", "ar,medusa", "--out", str(tmp_path)]) == 2
     assert "unknown medusa" in capsys.readouterr().err
+    assert cli_main(["bench", "--draft-dtypes", "fp8", "--out", str(tmp_path)]) == 2
+    assert "tidar_draft_dtype must be one of auto, float32, bfloat16, got 'fp8'" in capsys.readouterr().err
 
 
 def test_default_methods_on_demo(tmp_path):
@@ -224,6 +226,18 @@ def test_default_methods_on_demo(tmp_path):
     args = bench.build_parser().parse_args(["--tidar-k", "all", "--methods", "tidar", "--no-adaptive"])
     methods, _ = bench.build_methods(args, info, bench.DEMO)
     assert [m.k for m in methods] == [7, 6, 5, 4, 3, 2, 1]
+    args = bench.build_parser().parse_args(["--methods", "ar,tidar", "--fixed-layout", "4:3", "--no-adaptive",
+                                            "--tidar-k", "7", "--draft-dtypes", "bfloat16,float32"])
+    methods, _ = bench.build_methods(args, info, bench.DEMO)
+    assert [m.name for m in methods] == ["ar", "tidar-bl4-k3-bfloat16", "tidar-bl4-k3-float32", "tidar-k7-bfloat16",
+                                         "tidar-k7-float32"]
+    assert [m.engine.get("hf_overrides", {}).get("tidar_draft_dtype") for m in methods] == [
+        None, "bfloat16", "float32", "bfloat16", "float32"]
+    assert methods[1].engine["hf_overrides"]["tidar"]["block_length"] == 4 and "[bfloat16 drafts]" in methods[1].label
+    args = bench.build_parser().parse_args(["--methods", "tidar", "--no-adaptive", "--tidar-k", "7",
+                                            "--draft-dtypes", "float32"])
+    (only,), _ = bench.build_methods(args, info, bench.DEMO)
+    assert only.name == "tidar-k7" and only.engine["hf_overrides"] == {"tidar_draft_dtype": "float32"}
 
 
 # --- end to end ------------------------------------------------------------------------------
