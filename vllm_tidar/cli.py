@@ -115,16 +115,21 @@ def cmd_import_gguf(args) -> None:
 
 def cmd_build_demo(args) -> None:
     """Rebuild the demo checkpoint from scratch: tokenizer, base, TiDAR training, then
-    self-distillation (distill-data with vLLM, and the fine-tune of ``DEMO_DISTILL_RECIPE``)."""
+    self-distillation (distill-data with vLLM, the draft adapter of ``DEMO_DISTILL_RECIPE``,
+    and its continuation on function-header prompts, ``DEMO_HEADERS_RECIPE``)."""
     import tempfile
 
-    from .demo_base import (DEMO_DISTILL, DEMO_DISTILL_RECIPE, DEMO_DISTILL_STEPS, DEMO_RECIPE, build_base,
-                            held_out_source, write_corpus)
+    from .demo_base import (DEMO_DISTILL, DEMO_DISTILL_RECIPE, DEMO_DISTILL_STEPS, DEMO_HEADERS, DEMO_HEADERS_RECIPE,
+                            DEMO_HEADERS_STEPS, DEMO_RECIPE, build_base, held_out_source, write_corpus)
     from .distill import DistillConfig, distill
     from .train import TrainConfig, train
 
     if args.distill_steps is None:
         args.distill_steps = DEMO_DISTILL_STEPS
+    if args.headers_steps is None:
+        args.headers_steps = DEMO_HEADERS_STEPS if args.distill_steps else 0
+    if args.headers_steps and not args.distill_steps:
+        raise TidarError("--headers-steps continues the self-distillation stage: it needs --distill-steps > 0")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -136,8 +141,16 @@ def cmd_build_demo(args) -> None:
             data = tmp / "distill.jsonl"
             distill(DistillConfig(checkpoint=stage1, corpus=str(corpus), out=str(data), held_out=held_out_source(),
                                   seed=args.seed, **DEMO_DISTILL))
-            train(TrainConfig(base=stage1, data=str(corpus), out=args.out, distill_data=str(data), **DEMO_DISTILL_RECIPE,
+            stage2 = str(tmp / "adapter") if args.headers_steps else args.out
+            train(TrainConfig(base=stage1, data=str(corpus), out=stage2, distill_data=str(data), **DEMO_DISTILL_RECIPE,
                               steps=args.distill_steps, seed=args.seed))
+        if args.headers_steps:
+            heads, both = tmp / "headers.jsonl", tmp / "distill_and_headers.jsonl"
+            distill(DistillConfig(checkpoint=stage1, corpus=str(corpus), out=str(heads), held_out=held_out_source(),
+                                  seed=args.seed, **DEMO_HEADERS))
+            both.write_text(data.read_text() + heads.read_text())
+            train(TrainConfig(base=stage2, data=str(corpus), out=args.out, distill_data=str(both), **DEMO_HEADERS_RECIPE,
+                              steps=args.headers_steps, seed=args.seed))
     print(f"saved demo checkpoint to {args.out}")
 
 
@@ -279,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the self-distillation stage after the TiDAR training: a draft adapter on the "
                         "frozen model, trained on its own greedy continuations (default 2000, the bundled demo's; "
                         "0: stage 1 only)")
+    b.add_argument("--headers-steps", type=int, default=None,
+                   help="steps of the adapter's continuation on function-header prompts after it (default 800, the "
+                        "bundled demo's, when --distill-steps > 0; 0: skip)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=cmd_build_demo)
 

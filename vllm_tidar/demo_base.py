@@ -38,6 +38,14 @@ DEMO_DISTILL = dict(num_samples=6000, prompt_lengths=(32, 96), completion_len=16
 DEMO_DISTILL_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=1e-3, min_lr=1e-4, warmup=0.03,
                            save_every=200, distill_ratio=1.0, draft_adapter_rank=256)
 DEMO_DISTILL_STEPS = 2000
+# stage 3 (`build-demo --headers-steps N`; run hd3 of benchmarks/results/self_distill_cpu.md):
+# prompts that end at a function header (the shape of HumanEval and code-completion requests),
+# continued by the same AR model; the stage-2 adapter then continues on the stage-2 samples and
+# these, its diffusion loss on the continuations only (not the prompts' corpus text)
+DEMO_HEADERS = dict(num_samples=4000, prompt_lengths=(32, 192), completion_len=160, prompt_kind="headers")
+DEMO_HEADERS_RECIPE = dict(block_lengths=(8, 4), seq_len=256, batch_size=8, lr=3e-4, min_lr=3e-5, warmup=0.03,
+                           save_every=200, distill_ratio=1.0, draft_adapter_rank=256, distill_completion_only=True)
+DEMO_HEADERS_STEPS = 800
 
 
 def stdlib_corpus() -> Path:
