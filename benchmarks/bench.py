@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix_str(m.name)
                 try:
                     engines[m.name], build_s[m.name] = build_engine(m, args, ckpt, max_model_len)
-                    if m.name == "tidar-adaptive":
+                    if m.name.startswith("tidar-adaptive") and policy_start is None:  # the first adaptive row
                         policy_start = engine_policy_start(engines[m.name])
                     warm_up(engines[m.name], args, prompts)
                 except Exception as e:
