@@ -59,6 +59,10 @@ class Method:
 
 
 # --- inputs ----------------------------------------------------------------------------------
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -498,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=16, help="first N prompts (default 16)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16], help="default 1,4,16")
-    p.add_argument("--methods", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+    p.add_argument("--methods", type=_str_list,
                    default=list(ALL_METHODS), help=f"subset of {','.join(ALL_METHODS)} (default all)")
     p.add_argument("--tidar-k", default="auto",
                    help="fixed-K TiDAR rows, e.g. 1,3,7; 'all' for 1..Bl-1; default Bl-1 and (Bl-1)//2")
@@ -517,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every batch size this many times on every engine; speedups are medians over "
                         "rounds of within-round ratios (default 1)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--draft-dtypes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=["auto"],
+    p.add_argument("--draft-dtypes", type=_str_list, default=["auto"],
                    help="tidar_draft_dtype of the TiDAR rows (auto, float32, bfloat16); several, e.g. auto,float32, "
                         "run every TiDAR row once per dtype, interleaved (default auto)")
     p.add_argument("--out", default="bench_out", help="output folder (default bench_out/)")

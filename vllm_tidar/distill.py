@@ -151,20 +151,15 @@ def draw_prompts(docs: list[list[int]], cfg: DistillConfig, refuse) -> tuple[lis
         total += len(d)
         cum.append(total)
     rng = random.Random(cfg.seed)
-    prompts: list[list[int]] = []
-    refused: Counter = Counter()
-    for _ in range(100 * cfg.num_samples):
-        if len(prompts) == cfg.num_samples:
-            break
-        doc = rng.choices(usable, cum_weights=cum)[0]
-        length = rng.randint(lo, hi)
-        start = rng.randrange(len(doc) - length + 1)
-        window = doc[start : start + length]
-        why = refuse(window)
-        if why:
-            refused[why] += 1
-        else:
-            prompts.append(window)
+
+    def windows():
+        for _ in range(100 * cfg.num_samples):
+            doc = rng.choices(usable, cum_weights=cum)[0]
+            length = rng.randint(lo, hi)
+            start = rng.randrange(len(doc) - length + 1)
+            yield doc[start : start + length]
+
+    prompts, refused = _keep(windows(), cfg.num_samples, refuse)
     if len(prompts) < cfg.num_samples:
         raise TidarError(f"drew only {len(prompts)} of {cfg.num_samples} prompts: {sum(refused.values())} "
                          "windows overlapped the evaluation sets")
@@ -182,27 +177,38 @@ def draw_header_prompts(texts: list[str], tok, cfg: DistillConfig, refuse) -> tu
     spans = [(d, span) for d, text in enumerate(texts) for span in function_headers(text)]
     rng = random.Random(cfg.seed)
     rng.shuffle(spans)
-    prompts: list[list[int]] = []
-    refused: Counter = Counter()
-    for d, (start, end) in spans:
-        if len(prompts) == cfg.num_samples:
-            break
-        length = rng.randint(lo, hi)
-        first = max(0, start - _CONTEXT_CHARS * hi)
-        offsets = tok(texts[d][first:end], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        in_header = next(i for i, (a, b) in enumerate(offsets) if first + b > start)  # first token reaching the header
-        cut = first + offsets[min(max(0, len(offsets) - length), in_header)][0]
-        ids = tok(texts[d][cut:end], add_special_tokens=False)["input_ids"]
-        if len(ids) > hi:
-            continue
-        why = refuse(ids)
-        if why:
-            refused[why] += 1
-        else:
-            prompts.append(ids)
+
+    def headers():
+        for d, (start, end) in spans:
+            length = rng.randint(lo, hi)
+            first = max(0, start - _CONTEXT_CHARS * hi)
+            offsets = tok(texts[d][first:end], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            in_header = next(i for i, (a, b) in enumerate(offsets) if first + b > start)  # first token reaching it
+            cut = first + offsets[min(max(0, len(offsets) - length), in_header)][0]
+            ids = tok(texts[d][cut:end], add_special_tokens=False)["input_ids"]
+            if len(ids) <= hi:
+                yield ids
+
+    prompts, refused = _keep(headers(), cfg.num_samples, refuse)
     if len(prompts) < cfg.num_samples:
         raise TidarError(f"the corpus gives only {len(prompts)} function-header prompts of at most {hi} tokens, "
                          f"fewer than {cfg.num_samples} ({sum(refused.values())} overlapped the evaluation sets)")
+    return prompts, refused
+
+
+def _keep(candidates, n: int, refuse) -> tuple[list[list[int]], Counter]:
+    """The first ``n`` candidate prompts that ``refuse`` lets through (fewer when the candidates
+    run out; none is drawn after the ``n``-th), and the counted reasons of the refused ones."""
+    prompts: list[list[int]] = []
+    refused: Counter = Counter()
+    for ids in candidates:
+        why = refuse(ids)
+        if why:
+            refused[why] += 1
+            continue
+        prompts.append(ids)
+        if len(prompts) == n:
+            break
     return prompts, refused
 
 
