@@ -92,9 +92,10 @@ def test_speculative_config_rewrites():
 
 
 # --- attention backend ---------------------------------------------------------------------
-def _attention_batch(reqs, bs, hq, hkv, d, layout, seed=0):
+def _attention_batch(reqs, bs, hq, hkv, d, layout, seed=0, dtype=torch.float32):
     """Random KV for a mixed batch written through the backend's KV write (as the runner
-    does), the metadata the builder would make, and the dense SDPA reference output.
+    does), the metadata the builder would make, and the dense SDPA reference output (in
+    fp32, from the ``dtype`` inputs; the cache and the ISA are what vLLM picks for ``dtype``).
 
     ``reqs``: (committed tokens, scheduled tokens, is a full TiDAR step) per request."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
@@ -102,40 +103,40 @@ def _attention_batch(reqs, bs, hq, hkv, d, layout, seed=0):
     from vllm_tidar.plugin.attention import TiDARCPUImpl, TiDARCPUMetadata, _kernel_batch, _KernelParams
 
     g = torch.Generator().manual_seed(seed)
-    isa = _get_attn_isa(torch.float32, bs, d)
+    isa = _get_attn_isa(dtype, bs, d)
     layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
     impl = TiDARCPUImpl(hq, d, d**-0.5, hkv)
     max_blocks = max(-(-(p + t) // bs) for p, t, _ in reqs)
     nb = 1 + len(reqs) * max_blocks
-    kv_cache = torch.zeros(nb, hkv, bs, 2 * d)
+    kv_cache = torch.zeros(nb, hkv, bs, 2 * d, dtype=dtype)
     perm = 1 + torch.randperm(nb - 1, generator=g)  # scattered pages, block 0 unused
     tables = perm.view(len(reqs), max_blocks).to(torch.int32)  # vLLM's block table dtype
     step_mask = StepMask(layout, 0)
     qs, ks, vs, refs, slots = [], [], [], [], []
     for (prefix, t, tidar), table in zip(reqs, tables):
-        k_all = torch.randn(prefix + t, hkv, d, generator=g)
-        v_all = torch.randn(prefix + t, hkv, d, generator=g)
+        k_all = torch.randn(prefix + t, hkv, d, generator=g).to(dtype)
+        v_all = torch.randn(prefix + t, hkv, d, generator=g).to(dtype)
         pos = torch.arange(prefix + t)
         slot = table[pos // bs].long() * bs + pos % bs
         impl.do_kv_cache_update(layer, k_all[:prefix], v_all[:prefix], kv_cache, slot[:prefix])
-        q = torch.randn(t, hq, d, generator=g)
+        q = torch.randn(t, hq, d, generator=g).to(dtype)
         qs.append(q), ks.append(k_all[prefix:]), vs.append(v_all[prefix:]), slots.append(slot[prefix:])
         if tidar:
             mask = torch.cat([torch.ones(t, prefix, dtype=torch.bool), layout.template], 1)
         else:
             mask = torch.arange(prefix + t)[None, :] <= (torch.arange(t)[:, None] + prefix)
         ref = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k_all.transpose(0, 1).repeat_interleave(hq // hkv, 0),
-            v_all.transpose(0, 1).repeat_interleave(hq // hkv, 0), attn_mask=mask, scale=d**-0.5,
+            q.float().transpose(0, 1), k_all.float().transpose(0, 1).repeat_interleave(hq // hkv, 0),
+            v_all.float().transpose(0, 1).repeat_interleave(hq // hkv, 0), attn_mask=mask, scale=d**-0.5,
         )
-        refs.append(ref.transpose(0, 1))
+        refs.append(ref.transpose(0, 1).to(dtype))
     # this step's new tokens go through one batched KV write, like the runner's
     impl.do_kv_cache_update(layer, torch.cat(ks), torch.cat(vs), kv_cache, torch.cat(slots))
     qsl = [0]
     for _, t, _ in reqs:
         qsl.append(qsl[-1] + t)
     seq_lens = [p + t for p, t, _ in reqs]
-    params = _KernelParams(hq, hkv, d, torch.float32, isa, -1, "auto")
+    params = _KernelParams(hq, hkv, d, dtype, isa, -1, "auto")
     kernel = _kernel_batch(params, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), tables)
     md = TiDARCPUMetadata(
         num_actual_tokens=qsl[-1], num_reqs=len(reqs), query_start_loc=qsl, seq_lens=seq_lens,
@@ -174,6 +175,48 @@ def test_attention_backend_batch_of_only_tidar_steps(block_len):
     output = torch.full_like(q, float("nan"))
     impl.forward(layer, q, k, v, kv_cache, md, output)
     torch.testing.assert_close(output, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_reader_reads_what_the_kernels_cache_write_wrote(dtype):
+    """The pages the TiDAR rows read in torch hold what vLLM's ``cpu_attn_reshape_and_cache``
+    wrote, in the layout of the ISA vLLM picks for the dtype on this CPU (bf16 on an AMX CPU:
+    the ``amx`` ISA packs keys and values in pairs; fp32: the plain ``K^T | V`` pages)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_tidar.plugin.attention import TiDARCPUImpl, page_layout, read_pages
+
+    bs, hkv, d, n = 32, 2, 64, 70
+    isa = _get_attn_isa(dtype, bs, d)
+    layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    kv_cache = torch.zeros(5, hkv, bs, 2 * d, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(n, hkv, d, generator=g).to(dtype) for _ in range(2))
+    pages = torch.tensor([4, 1, 3])  # scattered
+    slots = pages[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+    TiDARCPUImpl(4, d, d**-0.5, hkv).do_kv_cache_update(layer, k, v, kv_cache, slots)
+    head_pages = (pages[None, :] * hkv + torch.arange(hkv)[:, None]).flatten()  # (head, page) order
+    layout = page_layout(isa, dtype, bs, d)
+    k_t, v_read = read_pages(kv_cache, head_pages, layout)
+    keys = k_t.view(hkv, 3, d, bs).permute(0, 1, 3, 2).reshape(hkv, 3 * bs, d)[:, :n]
+    assert torch.equal(keys, k.transpose(0, 1))
+    assert torch.equal(v_read.view(hkv, 3 * bs, d)[:, :n], v.transpose(0, 1))
+    if isa == "vec":
+        assert layout.key is None and layout.value is None  # no element gather on the plain pages
+
+
+@pytest.mark.parametrize("block_len", [4, 8])
+def test_attention_backend_in_bf16_on_this_cpus_isa(block_len):
+    """A bf16 model's cache (the ``amx`` ISA's packed pages on an AMX CPU): mixed batch and a
+    batch of only TiDAR steps against the dense reference, to bf16 accuracy."""
+    layout = DecodeLayout(block_len)
+    big_l = layout.num_tokens
+    for reqs in ([(45, big_l, True), (10, 37, False), (70, 1, False), (130, big_l, True)],
+                 [(45, big_l, True), (3, big_l, True)]):
+        impl, layer, kv_cache, md, q, k, v, ref = _attention_batch(reqs, 32, 4, 2, 64, layout, dtype=torch.bfloat16)
+        output = torch.full_like(q, float("nan"))
+        impl.forward(layer, q, k, v, kv_cache, md, output)
+        torch.testing.assert_close(output.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_attention_backend_without_tidar_steps_is_the_stock_kernel(monkeypatch):

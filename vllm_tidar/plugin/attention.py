@@ -1,5 +1,5 @@
 """TiDAR attention backend for the vLLM CPU platform: vLLM's ``CPU_ATTN`` kernel for every
-causal row, one batched SDPA for the mask rows of TiDAR steps.
+causal row, one batched attention in torch for the mask rows of TiDAR steps.
 
 The KV cache is ``CPU_ATTN``'s own (same shape, same ISA-packed layout, written by its
 ``cpu_attn_reshape_and_cache`` op), so a batch without TiDAR steps (prefill, plain AR
@@ -12,15 +12,17 @@ A full TiDAR step of a request is ``L = layout.num_tokens`` rows
 * the K+1 verify rows are causal (prefix + rows 0..i): they go to the same kernel call as
   the causal requests, as a request of K+1 query tokens with ``seq_len = P + K + 1``;
   the mask rows are left out of that call (the query is compacted once per layer);
-* the mask rows of all TiDAR requests of the batch run in one SDPA over the request's
-  pages up to ``P + L`` (committed prefix, then the step rows this step just wrote) with
-  the additive mask from ``StepMask.mask_rows_bias`` (prefix visible, the layout's
-  precomputed template over the step rows, padding hidden: one gather per step from a
-  table built once). This is the only place that reads pages in torch: for TiDAR
-  requests, once per layer, batched;
+* the mask rows of all TiDAR requests of the batch run in one batched attention over the
+  request's pages up to ``P + L`` (committed prefix, then the step rows this step just
+  wrote) with the additive mask from ``StepMask.mask_rows_bias`` (prefix visible, the
+  layout's precomputed template over the step rows, padding hidden: one gather per step
+  from a table built once). This is the only place that reads pages in torch: for TiDAR
+  requests, once per layer, batched, as batched matmuls on the pages in the layout the
+  kernel's ISA wrote them (``PageLayout``: ``K^T | V`` pages as they are; an ISA that packs
+  them, such as ``amx`` for bf16, through one element gather found by a probe write);
 * when every request of the batch is a full TiDAR step (a steady decode batch), the verify
-  rows join the mask rows in that SDPA (``StepMask.step_rows_bias``, all ``L`` rows) and
-  the kernel is not called: the query and output are views, no row gather or scatter.
+  rows join the mask rows in that attention (``StepMask.step_rows_bias``, all ``L`` rows)
+  and the kernel is not called: the query and output are views, no row gather or scatter.
 
 Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``) and
 handed over with ``set_tidar_steps`` before the layers run; the per-step arrays (the
@@ -34,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vllm import _custom_ops as ops
 from vllm import envs
@@ -89,13 +90,13 @@ class TiDARRows:
     """Per-step arrays of a batch with TiDAR steps (built once, read by every layer).
 
     When every request of the batch runs a full TiDAR step, ``kernel`` is None: all ``L``
-    rows of each request go to the SDPA (``bias`` covers them all) and the kernel is not
+    rows of each request go to the batched attention (``bias`` covers them all) and the kernel is not
     called."""
 
     kernel_rows: torch.Tensor | None  # long: token rows that go to the kernel (all but mask rows)
     kernel: KernelBatch | None
     mask_rows: torch.Tensor | None  # long (T, M): mask rows of each TiDAR request
-    pages: torch.Tensor  # long (T, nblk): pages holding each TiDAR request's prefix and step rows
+    head_pages: torch.Tensor  # long (T * Hkv * nblk,): page-heads holding each TiDAR request's prefix and step rows
     bias: torch.Tensor  # (T, 1, M or L, nblk * bs) additive mask: 0 visible, -inf hidden
 
 
@@ -146,9 +147,10 @@ class TiDARCPUMetadata:
         bs = self.block_size
         nblk = int((seq[t_idx].max() + bs - 1) // bs)
         width = nblk * bs
-        if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the SDPA, no kernel call
+        if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the batched attention, no kernel call
             self.tidar = TiDARRows(
-                kernel_rows=None, kernel=None, mask_rows=None, pages=self.block_table[: self.num_reqs, :nblk].long(),
+                kernel_rows=None, kernel=None, mask_rows=None,
+                head_pages=self._head_pages(self.block_table[: self.num_reqs, :nblk]),
                 bias=step_mask.step_rows_bias(prefix, width, self.params.dtype),
             )
             return
@@ -165,9 +167,14 @@ class TiDARCPUMetadata:
             kernel_rows=torch.from_numpy(np.flatnonzero(keep)),
             kernel=_kernel_batch(self.params, torch.from_numpy(k_qsl), torch.from_numpy(k_seq), self.block_table),
             mask_rows=torch.from_numpy(mask_rows),
-            pages=self.block_table[torch.from_numpy(t_idx), :nblk].long(),
+            head_pages=self._head_pages(self.block_table[torch.from_numpy(t_idx), :nblk]),
             bias=step_mask.mask_rows_bias(prefix, width, self.params.dtype),
         )
+
+    def _head_pages(self, pages: torch.Tensor) -> torch.Tensor:
+        """(T, n) pages -> (T * Hkv * n,) rows of the cache viewed per page and KV head, request-major."""
+        h = self.params.num_kv_heads
+        return (pages.long()[:, None, :] * h + torch.arange(h)[None, :, None]).flatten()
 
 
 def _kernel_batch(p: _KernelParams, qsl: torch.Tensor, seq_lens: torch.Tensor, block_table) -> KernelBatch:
@@ -226,15 +233,76 @@ def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv[:, :, :bs], kv[:, :, bs:]
 
 
-def read_pages(key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor):
-    """Keys and values of pages ``blocks`` (T, n) as contiguous (T, H, n * bs, D) tensors (a
-    copy; SDPA on CPU is ~4x slower on the transposed key layout of the pages)."""
-    t, n = blocks.shape
-    _, h, bs, d = key_cache.shape
-    flat = blocks.flatten()
-    k = key_cache.index_select(0, flat).view(t, n, h, d, bs).permute(0, 2, 1, 4, 3).reshape(t, h, n * bs, d).contiguous()
-    v = value_cache.index_select(0, flat).view(t, n, h, bs, d).transpose(1, 2).reshape(t, h, n * bs, d)
-    return k, v
+@dataclass(frozen=True)
+class PageLayout:
+    """Where ``CPU_ATTN`` puts each key and value element inside a page, per ISA.
+
+    A page of one KV head is ``2 * bs * D`` elements: the key half, then the value half. The
+    ``vec`` ISAs store the key half as ``K^T`` (``D x bs``) and the value half as ``V``
+    (``bs x D``); others pack them for their matrix units (``amx``: bf16 pairs of dims and of
+    tokens interleaved). ``key`` / ``value`` are None for the plain layout, else the offset of
+    each element of ``K^T`` / ``V`` (row-major) inside its half, found once by writing a page
+    through vLLM's own ``cpu_attn_reshape_and_cache`` (``probe``)."""
+
+    key: torch.Tensor | None
+    value: torch.Tensor | None
+
+    @classmethod
+    def probe(cls, isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> "PageLayout":
+        bs, d = block_size, head_dim
+        kv = torch.zeros(1, 1, bs, 2 * d, dtype=dtype)
+        key_cache, value_cache = split_cache(kv)
+        tok = torch.arange(bs)[:, None].expand(bs, d)
+        dim = torch.arange(d)[None, :].expand(bs, d)
+
+        def write(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # digits below 16: exact in every cache dtype
+            kv.zero_()
+            ops.cpu_attn_reshape_and_cache(k[:, None].to(dtype), v[:, None].to(dtype), key_cache, value_cache,
+                                           torch.arange(bs), isa)
+            halves = kv.view(2, bs * d).float().round().long()
+            return halves[0], halves[1]
+
+        k_hi, v_hi = write(tok // 16, dim // 16)
+        k_lo, v_lo = write(tok % 16, dim % 16)
+        kd_hi, vt_hi = write(dim // 16, tok // 16)
+        kd_lo, vt_lo = write(dim % 16, tok % 16)
+        key_code = (kd_hi * 16 + kd_lo) * bs + (k_hi * 16 + k_lo)  # element (dim, token) of K^T at each offset
+        value_code = (vt_hi * 16 + vt_lo) * d + (v_hi * 16 + v_lo)  # element (token, dim) of V at each offset
+        offsets = []
+        for code in (key_code, value_code):
+            if not torch.equal(code.sort().values, torch.arange(bs * d)):
+                raise RuntimeError(f"TiDAR attention: CPU_ATTN's {isa!r} page layout is not a permutation")
+            off = torch.empty_like(code)
+            off[code] = torch.arange(bs * d)
+            offsets.append(None if torch.equal(off, torch.arange(bs * d)) else off)
+        return cls(*offsets)
+
+
+_PAGE_LAYOUTS: dict[tuple, PageLayout] = {}
+
+
+def page_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> PageLayout:
+    key = (isa, dtype, block_size, head_dim)
+    if key not in _PAGE_LAYOUTS:
+        _PAGE_LAYOUTS[key] = PageLayout.probe(*key)
+    return _PAGE_LAYOUTS[key]
+
+
+def read_pages(kv_cache: torch.Tensor, head_pages: torch.Tensor, layout: PageLayout):
+    """Keys (as ``K^T``, ``(N, D, bs)``) and values (``(N, bs, D)``) of the page-heads
+    ``head_pages`` (N indices into ``kv_cache`` viewed as ``(nb * H, 2, bs * D)``): two row
+    gathers, plus an element gather for an ISA whose pages are packed."""
+    nb, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    halves = kv_cache.view(nb * h, 2, bs * d)
+    k = halves[:, 0].index_select(0, head_pages)
+    v = halves[:, 1].index_select(0, head_pages)
+    if layout.key is not None:
+        k = k[:, layout.key]
+    if layout.value is not None:
+        v = v[:, layout.value]
+    return k.view(-1, d, bs), v.view(-1, bs, d)
 
 
 class TiDARCPUImpl(AttentionImpl):
@@ -302,9 +370,9 @@ class TiDARCPUImpl(AttentionImpl):
         if rows is None:  # no TiDAR step: vLLM's CPU attention, unchanged
             self._kernel(layer, query[:n], key_cache, value_cache, output[:n], md.kernel)
             return output
-        if rows.kernel is None:  # only TiDAR steps: all rows of each request in one SDPA
-            t, big_l = rows.pages.shape[0], rows.bias.shape[2]
-            o = self._template_attention(query[:n].view(t, big_l, *query.shape[1:]), key_cache, value_cache, rows)
+        if rows.kernel is None:  # only TiDAR steps: all rows of each request in one attention
+            t, big_l = rows.bias.shape[0], rows.bias.shape[2]
+            o = self._template_attention(layer, query[:n].view(t, big_l, *query.shape[1:]), kv_cache, rows)
             output[:n].view(t, big_l, *output.shape[1:]).copy_(o)
             return output
         # causal rows (other requests, and the verify rows of TiDAR requests): one kernel call
@@ -313,17 +381,27 @@ class TiDARCPUImpl(AttentionImpl):
         self._kernel(layer, q, key_cache, value_cache, out, rows.kernel)
         output.index_copy_(0, rows.kernel_rows, out.to(output.dtype))
         # mask rows of every TiDAR request
-        output[rows.mask_rows] = self._template_attention(query[rows.mask_rows], key_cache, value_cache, rows
+        output[rows.mask_rows] = self._template_attention(layer, query[rows.mask_rows], kv_cache, rows
                                                           ).to(output.dtype)
         return output
 
-    def _template_attention(self, q: torch.Tensor, key_cache, value_cache, rows: TiDARRows) -> torch.Tensor:
-        """Rows ``q`` (T, rows, Hq, D) of the TiDAR requests: one SDPA over each request's pages
-        (prefix, then this step's rows) with ``rows.bias``; returns (T, rows, Hq, D)."""
-        k, v = read_pages(key_cache, value_cache, rows.pages)  # (T, Hkv, nblk * bs, D)
-        q = q.transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=rows.bias.to(q.dtype), scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        return o.transpose(1, 2)
+    def _template_attention(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, rows: TiDARRows) -> torch.Tensor:
+        """Rows ``q`` (T, R, Hq, D) of the TiDAR requests over each request's pages (prefix,
+        then this step's rows) with ``rows.bias``; returns (T, R, Hq, D).
+
+        Batched matmuls straight on the pages' layout: per page and KV head the scores are
+        ``q @ K^T`` (the key half of a ``vec`` page is ``K^T`` already, so no transposing copy
+        of the prefix), the pages' scores are laid side by side, and ``softmax @ V`` runs over
+        all of them (a request's value pages are contiguous once gathered)."""
+        t, r, hq, d = q.shape
+        nb, h, bs, _ = kv_cache.shape
+        g = hq // h
+        n = rows.head_pages.shape[0] // (t * h)
+        k_t, v = read_pages(kv_cache, rows.head_pages, page_layout(layer.isa, kv_cache.dtype, bs, d))
+        qh = q.view(t, r, h, g, d).permute(0, 2, 3, 1, 4).reshape(t * h, 1, g * r, d).to(k_t.dtype)
+        scores = torch.matmul(qh.expand(t * h, n, g * r, d).reshape(t * h * n, g * r, d), k_t)  # (T*H*n, G*R, bs)
+        scores = scores.view(t * h, n, g * r, bs).transpose(1, 2).reshape(t, h, g, r, n * bs)
+        scores = scores.float().mul_(self.scale).add_(rows.bias.unsqueeze(2))
+        p = torch.softmax(scores, dim=-1).to(v.dtype).view(t * h, g * r, n * bs)
+        o = torch.bmm(p, v.view(t * h, n * bs, d))  # (T*H, G*R, D)
+        return o.view(t, h, g, r, d).permute(0, 3, 1, 2, 4).reshape(t, r, hq, d).to(q.dtype)
