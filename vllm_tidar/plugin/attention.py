@@ -1,5 +1,5 @@
 """TiDAR attention backend for the vLLM CPU platform: vLLM's ``CPU_ATTN`` kernel for every
-causal row, one batched attention in torch for the mask rows of TiDAR steps.
+causal row, one batched SDPA for the mask rows of TiDAR steps.
 
 The KV cache is ``CPU_ATTN``'s own (same shape, same ISA-packed layout, written by its
 ``cpu_attn_reshape_and_cache`` op), so a batch without TiDAR steps (prefill, plain AR
@@ -12,17 +12,17 @@ A full TiDAR step of a request is ``L = layout.num_tokens`` rows
 * the K+1 verify rows are causal (prefix + rows 0..i): they go to the same kernel call as
   the causal requests, as a request of K+1 query tokens with ``seq_len = P + K + 1``;
   the mask rows are left out of that call (the query is compacted once per layer);
-* the mask rows of all TiDAR requests of the batch run in one batched attention over the
-  request's pages up to ``P + L`` (committed prefix, then the step rows this step just
-  wrote) with the additive mask from ``StepMask.mask_rows_bias`` (prefix visible, the
-  layout's precomputed template over the step rows, padding hidden: one gather per step
-  from a table built once). This is the only place that reads pages in torch: for TiDAR
-  requests, once per layer, batched, as batched matmuls on the pages in the layout the
-  kernel's ISA wrote them (``PageLayout``: ``K^T | V`` pages as they are; an ISA that packs
-  them, such as ``amx`` for bf16, through one element gather found by a probe write);
+* the mask rows of all TiDAR requests of the batch run in one SDPA over the request's
+  pages up to ``P + L`` (committed prefix, then the step rows this step just wrote) with
+  the additive mask from ``StepMask.mask_rows_bias`` (prefix visible, the layout's
+  precomputed template over the step rows, padding hidden: one gather per step from a
+  table built once). This is the only place that reads pages in torch: for TiDAR
+  requests, once per layer, batched, in the layout the kernel's ISA wrote them
+  (``PageLayout``: ``K^T | V`` pages as they are; an ISA that packs them, such as ``amx``
+  for bf16, through one element gather found by a probe write);
 * when every request of the batch is a full TiDAR step (a steady decode batch), the verify
-  rows join the mask rows in that attention (``StepMask.step_rows_bias``, all ``L`` rows)
-  and the kernel is not called: the query and output are views, no row gather or scatter.
+  rows join the mask rows in that SDPA (``StepMask.step_rows_bias``, all ``L`` rows) and
+  the kernel is not called: the query and output are views, no row gather or scatter.
 
 Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``) and
 handed over with ``set_tidar_steps`` before the layers run; the per-step arrays (the
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vllm import _custom_ops as ops
 from vllm import envs
@@ -90,7 +91,7 @@ class TiDARRows:
     """Per-step arrays of a batch with TiDAR steps (built once, read by every layer).
 
     When every request of the batch runs a full TiDAR step, ``kernel`` is None: all ``L``
-    rows of each request go to the batched attention (``bias`` covers them all) and the kernel is not
+    rows of each request go to the SDPA (``bias`` covers them all) and the kernel is not
     called."""
 
     kernel_rows: torch.Tensor | None  # long: token rows that go to the kernel (all but mask rows)
@@ -147,7 +148,7 @@ class TiDARCPUMetadata:
         bs = self.block_size
         nblk = int((seq[t_idx].max() + bs - 1) // bs)
         width = nblk * bs
-        if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the batched attention, no kernel call
+        if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the SDPA, no kernel call
             self.tidar = TiDARRows(
                 kernel_rows=None, kernel=None, mask_rows=None,
                 head_pages=self._head_pages(self.block_table[: self.num_reqs, :nblk]),
@@ -370,7 +371,7 @@ class TiDARCPUImpl(AttentionImpl):
         if rows is None:  # no TiDAR step: vLLM's CPU attention, unchanged
             self._kernel(layer, query[:n], key_cache, value_cache, output[:n], md.kernel)
             return output
-        if rows.kernel is None:  # only TiDAR steps: all rows of each request in one attention
+        if rows.kernel is None:  # only TiDAR steps: all rows of each request in one SDPA
             t, big_l = rows.bias.shape[0], rows.bias.shape[2]
             o = self._template_attention(layer, query[:n].view(t, big_l, *query.shape[1:]), kv_cache, rows)
             output[:n].view(t, big_l, *output.shape[1:]).copy_(o)
@@ -386,22 +387,17 @@ class TiDARCPUImpl(AttentionImpl):
         return output
 
     def _template_attention(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, rows: TiDARRows) -> torch.Tensor:
-        """Rows ``q`` (T, R, Hq, D) of the TiDAR requests over each request's pages (prefix,
-        then this step's rows) with ``rows.bias``; returns (T, R, Hq, D).
-
-        Batched matmuls straight on the pages' layout: per page and KV head the scores are
-        ``q @ K^T`` (the key half of a ``vec`` page is ``K^T`` already, so no transposing copy
-        of the prefix), the pages' scores are laid side by side, and ``softmax @ V`` runs over
-        all of them (a request's value pages are contiguous once gathered)."""
-        t, r, hq, d = q.shape
-        nb, h, bs, _ = kv_cache.shape
-        g = hq // h
-        n = rows.head_pages.shape[0] // (t * h)
+        """Rows ``q`` (T, R, Hq, D) of the TiDAR requests: one SDPA over each request's pages
+        (prefix, then this step's rows) with ``rows.bias``; returns (T, R, Hq, D)."""
+        t = q.shape[0]
+        _, h, bs, d2 = kv_cache.shape
+        d = d2 // 2
         k_t, v = read_pages(kv_cache, rows.head_pages, page_layout(layer.isa, kv_cache.dtype, bs, d))
-        qh = q.view(t, r, h, g, d).permute(0, 2, 3, 1, 4).reshape(t * h, 1, g * r, d).to(k_t.dtype)
-        scores = torch.matmul(qh.expand(t * h, n, g * r, d).reshape(t * h * n, g * r, d), k_t)  # (T*H*n, G*R, bs)
-        scores = scores.view(t * h, n, g * r, bs).transpose(1, 2).reshape(t, h, g, r, n * bs)
-        scores = scores.float().mul_(self.scale).add_(rows.bias.unsqueeze(2))
-        p = torch.softmax(scores, dim=-1).to(v.dtype).view(t * h, g * r, n * bs)
-        o = torch.bmm(p, v.view(t * h, n * bs, d))  # (T*H, G*R, D)
-        return o.view(t, h, g, r, d).permute(0, 3, 1, 2, 4).reshape(t, r, hq, d).to(q.dtype)
+        n = k_t.shape[0] // (t * h)
+        # keys as (T, H, n * bs, D): SDPA on CPU is ~4x slower on the transposed (K^T) layout
+        k = k_t.view(t, h, n, d, bs).transpose(-1, -2).reshape(t, h, n * bs, d)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.to(q.dtype), v.view(t, h, n * bs, d).to(q.dtype), attn_mask=rows.bias.to(q.dtype),
+            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return o.transpose(1, 2)

@@ -57,7 +57,7 @@ logger = plugin_logger(__name__)
 def _tidar_attention_backend(device: torch.device):
     """The attention backend every layer of a TiDAR model runs on.
 
-    CPU: ``TiDARCPUBackend`` (vLLM's ``CPU_ATTN`` kernel, batched attention in torch for mask rows). CUDA: ``TiDARFlexBackend`` (vLLM's
+    CPU: ``TiDARCPUBackend`` (vLLM's ``CPU_ATTN`` kernel, batched SDPA for mask rows). CUDA: ``TiDARFlexBackend`` (vLLM's
     FlexAttention with the TiDAR mask_mod). ``VLLM_TIDAR_ATTENTION=flex`` forces the Flex
     backend on CPU too (debugging: eager flex, pure-torch KV write, slow).
     """
