@@ -114,6 +114,30 @@ def test_train_eagle3_on_distilled_ids(tmp_path, capsys):
     out = tmp_path / "head"
     assert main(["train-eagle3", "--verifier", str(DEMO), "--distill-data", str(data), "--out", str(out),
                  "--steps", "2", "--batch-size", "1", "--seq-len", "64", "--draft-vocab-size", "64"]) == 0
+    # continued on other ids: the head keeps its draft vocabulary, and the verifier lm_head rows
+    # its KL targets use are that vocabulary's (they were the new data's most frequent tokens)
+    other = tmp_path / "o.jsonl"
+    with open(other, "w") as f:
+        f.write(json.dumps({"sample": 0, "prompt_ids": list(range(1000, 1040)), "completion_ids": list(range(2000, 2100))}) + "\n")
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from vllm_tidar.eagle3 import Eagle3Config, build_head, head_vocab
+
+    vconf = AutoConfig.from_pretrained(DEMO)
+    cfg = Eagle3Config(verifier=str(DEMO), data=None, out=str(tmp_path / "c"), distill_data=str(other), init=str(out))
+    maps = head_vocab(out, None)
+    head = build_head(cfg, vconf.num_hidden_layers, vconf.vocab_size, {t: 1 for t in range(1000, 2100)}, maps)
+    saved = load_file(out / "model.safetensors")
+    assert torch.equal(head.d2t, saved["d2t"]) and torch.equal(head.t2d, saved["t2d"])
+    embed = load_file(DEMO / "model.safetensors")["model.embed_tokens.weight"]
+    draft_tokens = torch.arange(64) + saved["d2t"]
+    assert torch.equal(head.verifier_lm_head.weight, embed[draft_tokens])  # tied lm_head
+    assert main(["train-eagle3", "--verifier", str(DEMO), "--distill-data", str(other), "--out", str(tmp_path / "c"),
+                 "--init", str(out), "--steps", "1", "--batch-size", "1", "--seq-len", "64"]) == 0
+    assert torch.equal(load_file(tmp_path / "c" / "model.safetensors")["d2t"], saved["d2t"])
+    assert main(["train-eagle3", "--verifier", str(DEMO), "--distill-data", str(other), "--out", str(tmp_path / "d"),
+                 "--init", str(out), "--steps", "1", "--draft-vocab-size", "32"]) != 0
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 2 and summary["config"]["distill_data"] == str(data)
     from safetensors import safe_open

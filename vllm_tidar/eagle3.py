@@ -118,9 +118,12 @@ def token_frequencies(rows: torch.Tensor) -> dict[int, int]:
     return dict(zip(ids.tolist(), counts.tolist()))
 
 
-def build_head(cfg: Eagle3Config, num_layers: int, vocab_size: int, freq: dict[int, int]):
+def build_head(cfg: Eagle3Config, num_layers: int, vocab_size: int, freq: dict[int, int], maps=None):
     """speculators' ``Eagle3DraftModel`` as ``speculators train`` builds it for a Llama verifier
-    (one full-attention Llama layer, verifier-shaped; embeddings and lm_head from the verifier)."""
+    (one full-attention Llama layer, verifier-shaped; embeddings and lm_head from the verifier).
+    The draft vocabulary is the ``draft_vocab_size`` most frequent tokens of ``freq``, or
+    ``maps`` = ``(d2t, t2d)`` of a saved head (``head_vocab``): the verifier's lm_head rows the
+    head's KL targets use are picked by it when the head is built."""
     from transformers import AutoConfig
 
     Eagle3DraftModel, create_cfg, build_maps, _ = _import_speculators()
@@ -133,13 +136,35 @@ def build_head(cfg: Eagle3Config, num_layers: int, vocab_size: int, freq: dict[i
     vconf = AutoConfig.from_pretrained(cfg.verifier, local_files_only=True)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # not LlamaConfig's defaults
         setattr(tl, key, getattr(vconf, key, None))
-    d2t, t2d = build_maps(freq, draft_vocab, vocab_size) if draft_vocab < vocab_size else (None, None)
+    if maps is not None:
+        d2t, t2d = maps
+        draft_vocab = vocab_size if d2t is None else d2t.shape[0]
+    else:
+        d2t, t2d = build_maps(freq, draft_vocab, vocab_size) if draft_vocab < vocab_size else (None, None)
     model = Eagle3DraftModel.from_training_args(
         tl, t2d=t2d, d2t=d2t, verifier_name_or_path=cfg.verifier, draft_vocab_size=draft_vocab,
         norm_before_residual=True, ttt_steps=cfg.ttt_steps, target_layer_ids=layer_ids,
         draft_attn_impl="sdpa",
     )
     return model
+
+
+def head_vocab(folder: Path, draft_vocab_size: int | None):
+    """``(d2t, t2d)`` of a head saved by train-eagle3 (None, None for a full-vocabulary head):
+    a continued head keeps its draft vocabulary whatever the new data's token counts."""
+    from safetensors import safe_open
+
+    f = folder / "model.safetensors"
+    if not f.is_file():
+        raise TidarError(f"--init {folder}: no model.safetensors (expected a head saved by train-eagle3)")
+    with safe_open(str(f), "pt") as st:
+        if "d2t" not in st.keys():
+            return None, None
+        d2t, t2d = st.get_tensor("d2t"), st.get_tensor("t2d")
+    if draft_vocab_size is not None and draft_vocab_size != d2t.shape[0]:
+        raise TidarError(f"--init {folder}: its draft vocabulary has {d2t.shape[0]} tokens, "
+                         f"--draft-vocab-size asks for {draft_vocab_size}")
+    return d2t, t2d
 
 
 def load_head_weights(head, folder: Path) -> None:
@@ -269,7 +294,8 @@ def train_eagle3(cfg: Eagle3Config, progress: bool = True) -> dict:
         rows = pack(read_texts(cfg.data), tok, cfg.seq_len)
     else:
         raise TidarError("train-eagle3 needs --data (text) or --distill-data (a distill-data file)")
-    head = build_head(cfg, vconf.num_hidden_layers, vconf.vocab_size, token_frequencies(rows))
+    maps = head_vocab(Path(cfg.init), cfg.draft_vocab_size) if cfg.init else None
+    head = build_head(cfg, vconf.num_hidden_layers, vconf.vocab_size, token_frequencies(rows), maps)
     if cfg.init:
         load_head_weights(head, Path(cfg.init))
     layer_ids = head.config.eagle_aux_hidden_state_layer_ids
