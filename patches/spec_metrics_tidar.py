@@ -19,8 +19,8 @@ What (engines whose speculative config is the TiDAR proposer only; others are un
   sized for K, whose ``observe`` skips a step with no real draft.
 * ``SpecDecodingProm.__init__`` (front-end): K per-position counters.
 
-Steps whose drafts are all MASK (the first decode step after prefill, the step after a
-degraded one) proposed nothing: like an n-gram step that found no match they are not spec
+Steps whose drafts are all MASK (the step after a degraded or plain one; on the Flex
+backend the first decode step after prefill) proposed nothing: like an n-gram step that found no match they are not spec
 steps. So ``num_draft_tokens == K * num_drafts`` on full steps, the mean acceptance length
 is ``1 + accepted / drafting steps`` and per-position rates are over drafting steps. A
 request's output length is ``1 + plain steps + drafting steps + accepted`` (less what

@@ -303,19 +303,19 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         proposed = proposed_drafts(llm, prompts[:1], greedy)
     finally:
         close_llm(llm)
-    dec = ReferenceDecoder(model, settings, draft_at_prefill=False, max_len=MAX_MODEL_LEN)
+    dec = ReferenceDecoder(model, settings, max_len=MAX_MODEL_LEN)
     plain_model, _, _ = load_tidar(tiny_checkpoint(block_length=4))
-    plain = ReferenceDecoder(plain_model, settings, draft_at_prefill=False, max_len=MAX_MODEL_LEN)
+    plain = ReferenceDecoder(plain_model, settings, max_len=MAX_MODEL_LEN)
     differs = 0
     for p, o in zip(prompts, out):
         ref = dec.generate(p, 32, mode="tidar")
         assert list(o.outputs[0].token_ids) == ref.token_ids
-        assert o.outputs[0].spec_decode_metrics.per_step_accepted == ref.accepted_drafts[1:]
+        assert o.outputs[0].spec_decode_metrics.per_step_accepted == ref.accepted_drafts
         differs += ref.accepted_drafts != plain.generate(p, 32, mode="tidar").accepted_drafts
     assert differs  # the adapter is what drafts
-    # the drafts at batch 1, step by step (first: the all-MASK drafts after prefill)
+    # the drafts at batch 1, step by step (first: the prefill's mask block's)
     session_drafts = reference_drafts(dec, prompts[0], 32)
-    assert proposed[1 : 1 + len(session_drafts)] == session_drafts
+    assert proposed[: len(session_drafts)] == session_drafts
 
 
 def test_vllm_config_hook_turns_eager_on_and_refuses_tensor_parallel(monkeypatch):

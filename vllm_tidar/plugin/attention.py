@@ -22,7 +22,11 @@ A full TiDAR step of a request is ``L = layout.num_tokens`` rows
   for bf16, through one element gather found by a probe write);
 * when every request of the batch is a full TiDAR step (a steady decode batch), the verify
   rows join the mask rows in that SDPA (``StepMask.step_rows_bias``, all ``L`` rows) and
-  the kernel is not called: the query and output are views, no row gather or scatter.
+  the kernel is not called: the query and output are views, no row gather or scatter;
+* a mask block the model appended after a prefilling request's last row (prefill drafting,
+  ``set_prefill_block``; rows past the batch's own) runs in one more SDPA over the request's
+  pages up to its last prompt row and the block's own keys and values, which are never
+  written to the cache.
 
 Which requests are full TiDAR steps is decided by the model (it sees ``input_ids``) and
 handed over with ``set_tidar_steps`` before the layers run; the per-step arrays (the
@@ -102,6 +106,18 @@ class TiDARRows:
 
 
 @dataclass
+class PrefillRows:
+    """Mask blocks the model appended after prefilling requests (rows from ``first_row`` on,
+    ``block_len`` per request, past the batch's own rows): each block sees its request's
+    pages up to its last prompt row and its own block; its keys and values are never written."""
+
+    first_row: int
+    block_len: int
+    head_pages: torch.Tensor  # long (Tp * Hkv * nblk,): page-heads of each request's prefix
+    bias: torch.Tensor  # (Tp, 1, 1, nblk * bs + block_len) additive mask: 0 visible, -inf hidden
+
+
+@dataclass
 class _KernelParams:
     """What ``cpu_attn_get_scheduler_metadata`` needs besides the batch."""
 
@@ -127,6 +143,7 @@ class TiDARCPUMetadata:
     params: _KernelParams
     block_size: int
     tidar: TiDARRows | None = None  # set by set_tidar_steps when the batch has TiDAR steps
+    prefill: PrefillRows | None = None  # set by set_prefill_block when prefills get a mask block
 
     # the model's interface (same on TiDARFlexMetadata)
     def tidar_batch(self) -> tuple[list[int], list[bool]]:
@@ -171,6 +188,21 @@ class TiDARCPUMetadata:
             head_pages=self._head_pages(self.block_table[torch.from_numpy(t_idx), :nblk]),
             bias=step_mask.mask_rows_bias(prefix, width, self.params.dtype),
         )
+
+    def set_prefill_block(self, block) -> None:
+        """The model appended ``block.block_len`` MASK rows after the last row of each request
+        in ``block.requests`` (``model.PrefillBlock``): they attend to the request's pages up to
+        ``seq_len`` and bidirectionally to their own block."""
+        reqs = block.requests.numpy()
+        seq = np.asarray(self.seq_lens, dtype=np.int64)[reqs]
+        bs = self.block_size
+        nblk = int((seq.max() + bs - 1) // bs)
+        width = nblk * bs
+        hidden = torch.arange(width)[None, :] >= torch.from_numpy(seq)[:, None]
+        bias = torch.zeros(len(reqs), width + block.block_len, dtype=self.params.dtype)
+        bias[:, :width].masked_fill_(hidden, float("-inf"))
+        self.prefill = PrefillRows(block.first_row, block.block_len,
+                                   self._head_pages(self.block_table[block.requests, :nblk]), bias[:, None, None])
 
     def _head_pages(self, pages: torch.Tensor) -> torch.Tensor:
         """(T, n) pages -> (T * Hkv * n,) rows of the cache viewed per page and KV head, request-major."""
@@ -335,9 +367,11 @@ class TiDARCPUImpl(AttentionImpl):
         self.sliding_window = -1
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """Writes the KV of vLLM's rows; mask blocks a prefill got (rows past them) keep none."""
         key_cache, value_cache = split_cache(kv_cache)
+        n = slot_mapping.shape[0]
         ops.cpu_attn_reshape_and_cache(
-            key, value, key_cache, value_cache, slot_mapping, layer.isa,
+            key[:n], value[:n], key_cache, value_cache, slot_mapping, layer.isa,
             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype,
         )
 
@@ -370,21 +404,40 @@ class TiDARCPUImpl(AttentionImpl):
         rows = md.tidar
         if rows is None:  # no TiDAR step: vLLM's CPU attention, unchanged
             self._kernel(layer, query[:n], key_cache, value_cache, output[:n], md.kernel)
-            return output
-        if rows.kernel is None:  # only TiDAR steps: all rows of each request in one SDPA
+        elif rows.kernel is None:  # only TiDAR steps: all rows of each request in one SDPA
             t, big_l = rows.bias.shape[0], rows.bias.shape[2]
             o = self._template_attention(layer, query[:n].view(t, big_l, *query.shape[1:]), kv_cache, rows)
             output[:n].view(t, big_l, *output.shape[1:]).copy_(o)
-            return output
-        # causal rows (other requests, and the verify rows of TiDAR requests): one kernel call
-        q = query.index_select(0, rows.kernel_rows)
-        out = torch.empty_like(q)
-        self._kernel(layer, q, key_cache, value_cache, out, rows.kernel)
-        output.index_copy_(0, rows.kernel_rows, out.to(output.dtype))
-        # mask rows of every TiDAR request
-        output[rows.mask_rows] = self._template_attention(layer, query[rows.mask_rows], kv_cache, rows
-                                                          ).to(output.dtype)
+        else:
+            # causal rows (other requests, and the verify rows of TiDAR requests): one kernel call
+            q = query.index_select(0, rows.kernel_rows)
+            out = torch.empty_like(q)
+            self._kernel(layer, q, key_cache, value_cache, out, rows.kernel)
+            output.index_copy_(0, rows.kernel_rows, out.to(output.dtype))
+            # mask rows of every TiDAR request
+            output[rows.mask_rows] = self._template_attention(layer, query[rows.mask_rows], kv_cache, rows
+                                                              ).to(output.dtype)
+        if md.prefill is not None:
+            self._prefill_block_attention(layer, query, key, value, kv_cache, output, md.prefill)
         return output
+
+    def _prefill_block_attention(self, layer, query, key, value, kv_cache, output, pf: PrefillRows) -> None:
+        """The mask blocks appended to prefills: one SDPA over each request's prefix pages and
+        its own block's keys and values (taken from this forward, never written to the cache)."""
+        t = pf.bias.shape[0]
+        bl, first = pf.block_len, pf.first_row
+        _, h, bs, d2 = kv_cache.shape
+        d = d2 // 2
+        k_t, v = read_pages(kv_cache, pf.head_pages, page_layout(layer.isa, kv_cache.dtype, bs, d))
+        nbs = k_t.shape[0] // (t * h) * bs
+        rows = slice(first, first + t * bl)
+        k = torch.cat([k_t.view(t, h, -1, d, bs).transpose(-1, -2).reshape(t, h, nbs, d),
+                       key[rows].view(t, bl, h, d).transpose(1, 2).to(k_t.dtype)], 2)
+        v = torch.cat([v.view(t, h, nbs, d), value[rows].view(t, bl, h, d).transpose(1, 2).to(v.dtype)], 2)
+        q = query[rows].view(t, bl, self.num_heads, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=pf.bias.to(q.dtype),
+                                           scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        output[rows] = o.transpose(1, 2).reshape(t * bl, self.num_heads, d).to(output.dtype)
 
     def _template_attention(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, rows: TiDARRows) -> torch.Tensor:
         """Rows ``q`` (T, R, Hq, D) of the TiDAR requests: one SDPA over each request's pages

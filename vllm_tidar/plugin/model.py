@@ -27,7 +27,11 @@ the step it proposes, and the model detects steps of that layout (its tensors ar
 per layout).
 
 Prefills, partial prefills and degraded steps (fewer than L tokens scheduled, e.g.
-near max_model_len or under token-budget pressure) run plain causal attention.
+near max_model_len or under token-budget pressure) run plain causal attention. On the CPU
+backend each prefilling request also gets one mask block appended after its last row inside
+the forward (``PrefillBlock``, the paper's prefill drafting: vLLM schedules only the prompt):
+the block sees the prompt and itself, writes no KV, its masks 1.. are the first drafts and
+mask 0 the beta-mix partner of the first token; the forward returns vLLM's rows only.
 """
 
 from __future__ import annotations
@@ -83,6 +87,17 @@ class TiDARStep:
     tidar: torch.Tensor  # bool per request: ran a full TiDAR step (template attention, drafts stashed)
     prefilling: list[bool]
     starts: torch.Tensor  # first row of each request in the forward's token rows (device)
+    drafted: torch.Tensor  # bool per request: drafts stashed (a full TiDAR step, or a prefill's mask block)
+
+
+@dataclass(frozen=True)
+class PrefillBlock:
+    """One mask block appended after the last row of each prefilling request (the paper's
+    prefill drafting): rows ``first_row + j * block_len + r`` of the forward, past vLLM's own."""
+
+    requests: torch.Tensor  # long: batch rows of the requests that got a block
+    first_row: int
+    block_len: int
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,7 @@ class _StepState:
     """The model's per-forward TiDAR state (a plain object: attribute writes on an
     ``nn.Module`` go through its slow ``__setattr__``, and these change every step)."""
 
-    __slots__ = ("last", "rows", "rows_next", "draft_hidden", "bonus_hidden", "expect")
+    __slots__ = ("last", "rows", "rows_next", "draft_hidden", "bonus_hidden", "expect", "prefill")
 
     def __init__(self) -> None:
         self.last: TiDARStep | None = None  # step detection of the last forward
@@ -130,6 +145,7 @@ class _StepState:
         # the next forward may hold TiDAR steps (False after the proposer chose a plain step:
         # nothing scheduled holds MASK then, so step detection is skipped)
         self.expect = True
+        self.prefill: PrefillBlock | None = None  # mask blocks the last forward appended to prefills
 
 
 class _TiDARMixin:
@@ -156,6 +172,7 @@ class _TiDARMixin:
             merged = draft_dtype(getattr(hf_config, "tidar_draft_dtype", None), self._tidar_adapter_dtype, device)
             self._tidar_adapter = VLLMDraftAdapter(self, adapter, device, self._tidar_adapter_dtype, merged)
         self._tidar_max_drafts = self.tidar_layout.num_drafts if self.tidar_layout is not None else 0
+        self._tidar_max_len = vllm_config.model_config.max_model_len
         self._tidar_state = _StepState()
         if self.tidar_layout is not None:
             self.tidar_use_layout(self.tidar_layout)
@@ -194,55 +211,94 @@ class _TiDARMixin:
         )
 
     # --- forward -------------------------------------------------------------------------
-    def _tidar_prepare(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _tidar_prepare(self, input_ids: torch.Tensor, positions: torch.Tensor):
         """Step detection, vectorised over the batch (no host sync per request): a request
         runs a full TiDAR step iff it decodes ``L`` tokens whose mask slots hold MASK. Its
-        rows get the layout's RoPE positions, and the attention metadata is told. Skipped when
-        the proposer chose a plain step (``tidar_use_layout(None)``)."""
+        rows get the layout's RoPE positions, and the attention metadata is told. Every
+        prefilling request gets one mask block appended after its last row (``_prefill_block``).
+        Skipped when the proposer chose a plain step (``tidar_use_layout(None)``). Returns the
+        forward's ``(input_ids, positions)``, with the appended rows."""
         st = self._tidar_state
-        st.last = None
+        st.last = st.prefill = None
         st.rows, st.rows_next = st.rows_next, None
         adapter = self._tidar_adapter
         if adapter is not None:
             adapter.set_rows(None)
         layout = self.tidar_layout
         if layout is None or not st.expect or input_ids is None or not is_forward_context_available():
-            return positions
+            return input_ids, positions
         md_all = get_forward_context().attn_metadata
         if isinstance(md_all, list):
             md_all = md_all[0] if md_all else None
         if not md_all:
-            return positions
+            return input_ids, positions
         # TiDARCPUMetadata / TiDARFlexMetadata: tidar_batch() and set_tidar_steps()
         mds = {id(m): m for m in md_all.values() if hasattr(m, "set_tidar_steps")}
         if not mds:
-            return positions
-        qsl, prefilling = next(iter(mds.values())).tidar_batch()
+            return input_ids, positions
+        md = next(iter(mds.values()))
+        qsl, prefilling = md.tidar_batch()
         scheduled = {e - s for s, e in zip(qsl[:-1], qsl[1:])}  # tokens per request, host side
-        if layout.num_tokens not in scheduled:
-            return positions  # no request scheduled L tokens (a plain step): nothing to detect
         dev = input_ids.device
+        num_reqs = len(qsl) - 1
         qsl_t = torch.tensor(qsl, dtype=torch.long, device=dev)
-        starts, lens = qsl_t[:-1], qsl_t[1:] - qsl_t[:-1]
+        starts = qsl_t[:-1]
+        flags = torch.zeros(num_reqs, dtype=torch.bool, device=dev)
+        routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # draft-adapter rows and 0/1 weights
+        steady = False
         tt = self._tidar_t
-        rows = (starts[:, None] + tt.rows).clamp_(max=input_ids.shape[0] - 1)  # (R, L)
-        slots_masked = (input_ids[rows[:, layout.num_verify :]] == self.tidar_mask_id).all(-1)
-        decoding = ~torch.tensor(prefilling, dtype=torch.bool, device=dev)
-        flags = (lens == layout.num_tokens) & decoding & slots_masked
-        # vLLM gave rows P..P+L-1; TiDAR rows sit at P + position_offsets
-        shift = flags[:, None].long() * tt.position_shift
-        positions = positions.index_add(0, rows.flatten(), shift.flatten())
-        for m in mds.values():
-            m.set_tidar_steps(flags, tt.step_mask)
-        if adapter is not None:  # the mask slots of TiDAR steps
-            uniform = qsl[-1] == input_ids.shape[0] and scheduled == {layout.num_tokens}
-            if uniform and bool(flags.all()):  # steady state: R blocks of L rows, slots from num_verify on
-                adapter.set_blocks(len(qsl) - 1, layout.num_tokens, layout.num_verify)
+        if layout.num_tokens in scheduled:  # some request scheduled L tokens: detect TiDAR steps
+            lens = qsl_t[1:] - starts
+            rows = (starts[:, None] + tt.rows).clamp_(max=input_ids.shape[0] - 1)  # (R, L)
+            slots_masked = (input_ids[rows[:, layout.num_verify :]] == self.tidar_mask_id).all(-1)
+            decoding = ~torch.tensor(prefilling, dtype=torch.bool, device=dev)
+            flags = (lens == layout.num_tokens) & decoding & slots_masked
+            # vLLM gave rows P..P+L-1; TiDAR rows sit at P + position_offsets
+            shift = flags[:, None].long() * tt.position_shift
+            positions = positions.index_add(0, rows.flatten(), shift.flatten())
+            for m in mds.values():
+                m.set_tidar_steps(flags, tt.step_mask)
+            # steady state: R blocks of L rows, adapted from num_verify on
+            steady = qsl[-1] == input_ids.shape[0] and scheduled == {layout.num_tokens} and bool(flags.all())
+            routed.append((rows.flatten(), (flags[:, None] & tt.mask_slots).flatten()))
+        drafted = flags
+        block = self._prefill_block(mds, prefilling, input_ids.shape[0], layout.block_len)
+        if block is not None:
+            n, bl = input_ids.shape[0], block.block_len
+            ends = torch.tensor(md.seq_lens, dtype=torch.long, device=dev)[block.requests]  # position after each prefill
+            extra = block.requests.numel() * bl
+            input_ids = torch.cat([input_ids, input_ids.new_full((extra,), self.tidar_mask_id)])
+            positions = torch.cat([positions, (ends[:, None] + torch.arange(bl, device=dev)).flatten()])
+            routed.append((torch.arange(n, n + extra, device=dev), torch.ones(extra, dtype=torch.bool, device=dev)))
+            drafted = flags.clone()
+            drafted[block.requests] = True
+            st.prefill = block
+        if adapter is not None and routed:  # the mask slots of TiDAR steps and prefill blocks
+            if steady and block is None:
+                adapter.set_blocks(num_reqs, layout.num_tokens, layout.num_verify)
             else:
-                routed = flags[:, None] & tt.mask_slots
-                adapter.set_rows(rows.flatten(), routed.flatten()[:, None].to(self._tidar_adapter_dtype))
-        st.last = TiDARStep(qsl, flags, prefilling, starts)
-        return positions
+                idx, weight = (torch.cat(t) for t in zip(*routed))
+                adapter.set_rows(idx, weight[:, None].to(self._tidar_adapter_dtype))
+        if block is not None or bool(flags.any()):
+            st.last = TiDARStep(qsl, flags, prefilling, starts, drafted)
+        return input_ids, positions
+
+    def _prefill_block(self, mds: dict, prefilling: list[bool], first_row: int, block_len: int) -> PrefillBlock | None:
+        """Which prefilling requests get a mask block after their last row in this forward
+        (the paper's prefill drafting: the first token and the first drafts from one forward),
+        told to the attention metadata. Backends without ``set_prefill_block`` (Flex) and
+        requests within ``block_len`` of ``max_model_len`` draft from MASK placeholders at
+        their first decode step instead."""
+        if not any(prefilling) or not all(hasattr(m, "set_prefill_block") for m in mds.values()):
+            return None
+        seq_lens = next(iter(mds.values())).seq_lens
+        reqs = [i for i, p in enumerate(prefilling) if p and seq_lens[i] + block_len <= self._tidar_max_len]
+        if not reqs:
+            return None
+        block = PrefillBlock(torch.tensor(reqs, dtype=torch.long), first_row, block_len)
+        for m in mds.values():
+            m.set_prefill_block(block)
+        return block
 
     def tidar_use_layout(self, layout: DecodeLayout | None) -> None:
         """Detect TiDAR steps of ``layout`` from the next forward on (the proposer's choice for
@@ -271,19 +327,30 @@ class _TiDARMixin:
         self._tidar_state.rows_next = counts
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        positions = self._tidar_prepare(input_ids, positions)
+        input_ids, positions = self._tidar_prepare(input_ids, positions)
         hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         st = self._tidar_state
         st.draft_hidden = st.bonus_hidden = None
-        last = st.last
-        if last is not None and isinstance(hidden, torch.Tensor):
-            # draft (and bonus) rows of every request; rows of requests without a TiDAR step
-            # are clamped junk, dropped by the flags
-            tt, top = self._tidar_t, hidden.shape[0] - 1
-            st.draft_hidden = hidden[(last.starts[:, None, None] + tt.draft_index).clamp_(max=top)]
-            if self.tidar_settings.beta != 1.0:
-                st.bonus_hidden = hidden[(last.starts[:, None] + tt.bonus_rows).clamp_(max=top)]
-        return hidden
+        last, block = st.last, st.prefill
+        if last is None or not isinstance(hidden, torch.Tensor):
+            return hidden
+        # draft (and bonus) rows of every request; rows of requests without a TiDAR step
+        # are clamped junk, dropped by the flags
+        tt, top = self._tidar_t, (hidden.shape[0] if block is None else block.first_row) - 1
+        mix = self.tidar_settings.beta != 1.0
+        st.draft_hidden = hidden[(last.starts[:, None, None] + tt.draft_index).clamp_(max=top)]
+        if mix:
+            st.bonus_hidden = hidden[(last.starts[:, None] + tt.bonus_rows).clamp_(max=top)]
+        if block is None:
+            return hidden
+        # a prefill's block stands where block 0 of a TiDAR step would: its masks 1.. are
+        # the drafts after the first token (accepted count 0), mask 0 predicts that token
+        blocks = hidden[block.first_row :].view(-1, block.block_len, hidden.shape[-1])
+        width = min(st.draft_hidden.shape[2], block.block_len - 1)
+        st.draft_hidden[block.requests, 0, :width] = blocks[:, 1 : 1 + width]
+        if mix:
+            st.bonus_hidden[block.requests, 0] = blocks[:, 0]
+        return hidden[: block.first_row]
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
@@ -303,7 +370,9 @@ class _TiDARMixin:
             return logits
         # beta mixing: verify row i of a TiDAR request with the mask row predicting the same token
         counts = st.rows
-        if counts is None or int(counts.sum()) != logits.shape[0]:
+        if counts is None:  # a step without drafts (prefills, plain steps): one logits row per request
+            counts = np.ones(len(st.last.query_start_loc) - 1, dtype=np.int64)
+        if int(counts.sum()) != logits.shape[0]:
             raise RuntimeError(f"TiDAR: {logits.shape[0]} logits rows, the step scheduled "
                                f"{None if counts is None else int(counts.sum())}")
         dev = logits.device
@@ -313,7 +382,7 @@ class _TiDARMixin:
         pos = pos.clamp_(max=bonus.shape[1] - 1)
         beta = self.tidar_settings.beta
         mixed = beta * logits + (1.0 - beta) * super().compute_logits(bonus[req, pos])
-        logits = torch.where(st.last.tidar[req][:, None], mixed, logits)
+        logits = torch.where(st.last.drafted[req][:, None], mixed, logits)
         logits[:, self.tidar_mask_id] = -torch.inf
         return logits
 
@@ -336,7 +405,7 @@ class _TiDARMixin:
         logits = super().compute_logits(h.flatten(0, 1))
         logits[:, self.tidar_mask_id] = -torch.inf
         ids = logits.argmax(-1).view(len(rows), -1).tolist()
-        return {r: d for r, d, f in zip(rows, ids, last.tidar[ri].tolist()) if f}
+        return {r: d for r, d, f in zip(rows, ids, last.drafted[ri].tolist()) if f}
 
 
 class TiDARLlamaForCausalLM(_TiDARMixin, LlamaForCausalLM):

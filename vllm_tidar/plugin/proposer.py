@@ -7,10 +7,12 @@ tokens per request. vLLM's rejection sampler verifies ``d1..dk`` (MASK drafts ar
 rejected because the model sets their logit to -inf); then, for each request, the first
 ``k_next`` draft rows of block ``a`` (``a`` = accepted drafts = ``len(sampled) - 1``), whose
 hidden states the model stashed in the same forward, followed by the mask slots of ``k_next``.
-``k_next = 0`` means a plain AR step (no drafts). Requests that did not run a full TiDAR
-step (first step after prefill or after a plain step, degraded steps) get all-MASK
-drafts: they are rejected and the next step's block 0 supplies real drafts. Such steps
-are not spec steps in vLLM's metrics (``patches/spec_metrics_tidar.py``).
+``k_next = 0`` means a plain AR step (no drafts). After a prefill ``a = 0`` and the drafts
+come from the mask block the model appended to the prompt (``model.PrefillBlock``).
+Requests that did not run a full TiDAR step nor a prefill with a block (the step after a
+plain step, degraded steps) get all-MASK drafts: they are rejected and the next step's
+block 0 supplies real drafts. Such steps are not spec steps in vLLM's metrics
+(``patches/spec_metrics_tidar.py``).
 
 The wall time between two calls is one engine step: it feeds the policy's cost model
 (only steps that ran exactly what was proposed last time: every batch row grew by just its
