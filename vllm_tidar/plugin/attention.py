@@ -322,10 +322,11 @@ def page_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) ->
     return _PAGE_LAYOUTS[key]
 
 
-def read_pages(kv_cache: torch.Tensor, head_pages: torch.Tensor, layout: PageLayout):
-    """Keys (as ``K^T``, ``(N, D, bs)``) and values (``(N, bs, D)``) of the page-heads
-    ``head_pages`` (N indices into ``kv_cache`` viewed as ``(nb * H, 2, bs * D)``): two row
-    gathers, plus an element gather for an ISA whose pages are packed."""
+def read_pages(kv_cache: torch.Tensor, head_pages: torch.Tensor, layout: PageLayout, num_reqs: int):
+    """Keys and values of each request's pages as ``(num_reqs, H, n * bs, D)`` tensors, what SDPA
+    takes: ``head_pages`` (request-major, then KV head, then page) index ``kv_cache`` viewed as
+    ``(nb * H, 2, bs * D)``. Two row gathers, an element gather for an ISA whose pages are packed,
+    and one copy of the keys out of ``K^T`` (SDPA on CPU is ~4x slower on the transposed layout)."""
     nb, h, bs, d2 = kv_cache.shape
     d = d2 // 2
     halves = kv_cache.view(nb * h, 2, bs * d)
@@ -335,7 +336,8 @@ def read_pages(kv_cache: torch.Tensor, head_pages: torch.Tensor, layout: PageLay
         k = k[:, layout.key]
     if layout.value is not None:
         v = v[:, layout.value]
-    return k.view(-1, d, bs), v.view(-1, bs, d)
+    k = k.view(num_reqs, h, -1, d, bs).transpose(-1, -2).reshape(num_reqs, h, -1, d)
+    return k, v.view(num_reqs, h, -1, d)
 
 
 class TiDARCPUImpl(AttentionImpl):
@@ -424,16 +426,11 @@ class TiDARCPUImpl(AttentionImpl):
     def _prefill_block_attention(self, layer, query, key, value, kv_cache, output, pf: PrefillRows) -> None:
         """The mask blocks appended to prefills: one SDPA over each request's prefix pages and
         its own block's keys and values (taken from this forward, never written to the cache)."""
-        t = pf.bias.shape[0]
-        bl, first = pf.block_len, pf.first_row
-        _, h, bs, d2 = kv_cache.shape
-        d = d2 // 2
-        k_t, v = read_pages(kv_cache, pf.head_pages, page_layout(layer.isa, kv_cache.dtype, bs, d))
-        nbs = k_t.shape[0] // (t * h) * bs
-        rows = slice(first, first + t * bl)
-        k = torch.cat([k_t.view(t, h, -1, d, bs).transpose(-1, -2).reshape(t, h, nbs, d),
-                       key[rows].view(t, bl, h, d).transpose(1, 2).to(k_t.dtype)], 2)
-        v = torch.cat([v.view(t, h, nbs, d), value[rows].view(t, bl, h, d).transpose(1, 2).to(v.dtype)], 2)
+        t, bl, h, d = pf.bias.shape[0], pf.block_len, self.num_kv_heads, self.head_size
+        k, v = read_pages(kv_cache, pf.head_pages, self._page_layout(layer, kv_cache), t)
+        rows = slice(pf.first_row, pf.first_row + t * bl)
+        k = torch.cat([k, key[rows].view(t, bl, h, d).transpose(1, 2).to(k.dtype)], 2)
+        v = torch.cat([v, value[rows].view(t, bl, h, d).transpose(1, 2).to(v.dtype)], 2)
         q = query[rows].view(t, bl, self.num_heads, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=pf.bias.to(q.dtype),
                                            scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
@@ -442,15 +439,12 @@ class TiDARCPUImpl(AttentionImpl):
     def _template_attention(self, layer, q: torch.Tensor, kv_cache: torch.Tensor, rows: TiDARRows) -> torch.Tensor:
         """Rows ``q`` (T, R, Hq, D) of the TiDAR requests: one SDPA over each request's pages
         (prefix, then this step's rows) with ``rows.bias``; returns (T, R, Hq, D)."""
-        t = q.shape[0]
-        _, h, bs, d2 = kv_cache.shape
-        d = d2 // 2
-        k_t, v = read_pages(kv_cache, rows.head_pages, page_layout(layer.isa, kv_cache.dtype, bs, d))
-        n = k_t.shape[0] // (t * h)
-        # keys as (T, H, n * bs, D): SDPA on CPU is ~4x slower on the transposed (K^T) layout
-        k = k_t.view(t, h, n, d, bs).transpose(-1, -2).reshape(t, h, n * bs, d)
+        k, v = read_pages(kv_cache, rows.head_pages, self._page_layout(layer, kv_cache), q.shape[0])
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.to(q.dtype), v.view(t, h, n * bs, d).to(q.dtype), attn_mask=rows.bias.to(q.dtype),
+            q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=rows.bias.to(q.dtype),
             scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return o.transpose(1, 2)
+
+    def _page_layout(self, layer, kv_cache: torch.Tensor) -> PageLayout:
+        return page_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)

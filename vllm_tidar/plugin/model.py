@@ -244,7 +244,7 @@ class _TiDARMixin:
         qsl_t = torch.tensor(qsl, dtype=torch.long, device=dev)
         starts = qsl_t[:-1]
         flags = torch.zeros(num_reqs, dtype=torch.bool, device=dev)
-        routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # draft-adapter rows and 0/1 weights
+        rows = None  # (R, L) token rows of each request's would-be TiDAR step
         steady = False
         tt = self._tidar_t
         if layout.num_tokens in scheduled:  # some request scheduled L tokens: detect TiDAR steps
@@ -260,27 +260,33 @@ class _TiDARMixin:
                 m.set_tidar_steps(flags, tt.step_mask)
             # steady state: R blocks of L rows, adapted from num_verify on
             steady = qsl[-1] == input_ids.shape[0] and scheduled == {layout.num_tokens} and bool(flags.all())
-            routed.append((rows.flatten(), (flags[:, None] & tt.mask_slots).flatten()))
         drafted = flags
         block = self._prefill_block(mds, prefilling, input_ids.shape[0], layout.block_len)
         if block is not None:
-            n, bl = input_ids.shape[0], block.block_len
+            bl = block.block_len
             ends = torch.tensor(md.seq_lens, dtype=torch.long, device=dev)[block.requests]  # position after each prefill
             extra = block.requests.numel() * bl
             input_ids = torch.cat([input_ids, input_ids.new_full((extra,), self.tidar_mask_id)])
             positions = torch.cat([positions, (ends[:, None] + torch.arange(bl, device=dev)).flatten()])
-            routed.append((torch.arange(n, n + extra, device=dev), torch.ones(extra, dtype=torch.bool, device=dev)))
             drafted = flags.clone()
             drafted[block.requests] = True
             st.prefill = block
-        if adapter is not None and routed:  # the mask slots of TiDAR steps and prefill blocks
+        if rows is None and block is None:
+            return input_ids, positions
+        if adapter is not None:  # the mask slots of TiDAR steps and prefill blocks
             if steady and block is None:
                 adapter.set_blocks(num_reqs, layout.num_tokens, layout.num_verify)
-            else:
+            else:  # token rows and 0/1 weights
+                routed = []
+                if rows is not None:
+                    routed.append((rows.flatten(), (flags[:, None] & tt.mask_slots).flatten()))
+                if block is not None:
+                    n = block.first_row
+                    routed.append((torch.arange(n, input_ids.shape[0], device=dev),
+                                   torch.ones(input_ids.shape[0] - n, dtype=torch.bool, device=dev)))
                 idx, weight = (torch.cat(t) for t in zip(*routed))
                 adapter.set_rows(idx, weight[:, None].to(self._tidar_adapter_dtype))
-        if block is not None or bool(flags.any()):
-            st.last = TiDARStep(qsl, flags, prefilling, starts, drafted)
+        st.last = TiDARStep(qsl, flags, prefilling, starts, drafted)
         return input_ids, positions
 
     def _prefill_block(self, mds: dict, prefilling: list[bool], first_row: int, block_len: int) -> PrefillBlock | None:
@@ -373,8 +379,7 @@ class _TiDARMixin:
         if counts is None:  # a step without drafts (prefills, plain steps): one logits row per request
             counts = np.ones(len(st.last.query_start_loc) - 1, dtype=np.int64)
         if int(counts.sum()) != logits.shape[0]:
-            raise RuntimeError(f"TiDAR: {logits.shape[0]} logits rows, the step scheduled "
-                               f"{None if counts is None else int(counts.sum())}")
+            raise RuntimeError(f"TiDAR: {logits.shape[0]} logits rows, the step scheduled {int(counts.sum())}")
         dev = logits.device
         req = torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).to(dev)
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
