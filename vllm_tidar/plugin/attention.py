@@ -162,13 +162,10 @@ class TiDARCPUMetadata:
         seq = np.asarray(self.seq_lens, dtype=np.int64)
         t_idx = np.flatnonzero(is_t)
         prefix = torch.from_numpy(seq[t_idx] - big_l)
-        bs = self.block_size
-        nblk = int((seq[t_idx].max() + bs - 1) // bs)
-        width = nblk * bs
+        head_pages, width = self._request_pages(torch.from_numpy(t_idx), int(seq[t_idx].max()))
         if len(t_idx) == self.num_reqs:  # only TiDAR steps: every row in the SDPA, no kernel call
             self.tidar = TiDARRows(
-                kernel_rows=None, kernel=None, mask_rows=None,
-                head_pages=self._head_pages(self.block_table[: self.num_reqs, :nblk]),
+                kernel_rows=None, kernel=None, mask_rows=None, head_pages=head_pages,
                 bias=step_mask.step_rows_bias(prefix, width, self.params.dtype),
             )
             return
@@ -185,29 +182,28 @@ class TiDARCPUMetadata:
             kernel_rows=torch.from_numpy(np.flatnonzero(keep)),
             kernel=_kernel_batch(self.params, torch.from_numpy(k_qsl), torch.from_numpy(k_seq), self.block_table),
             mask_rows=torch.from_numpy(mask_rows),
-            head_pages=self._head_pages(self.block_table[torch.from_numpy(t_idx), :nblk]),
+            head_pages=head_pages,
             bias=step_mask.mask_rows_bias(prefix, width, self.params.dtype),
         )
 
     def set_prefill_block(self, block) -> None:
         """The model appended ``block.block_len`` MASK rows after the last row of each request
         in ``block.requests`` (``model.PrefillBlock``): they attend to the request's pages up to
-        ``seq_len`` and bidirectionally to their own block."""
-        reqs = block.requests.numpy()
-        seq = np.asarray(self.seq_lens, dtype=np.int64)[reqs]
-        bs = self.block_size
-        nblk = int((seq.max() + bs - 1) // bs)
-        width = nblk * bs
-        hidden = torch.arange(width)[None, :] >= torch.from_numpy(seq)[:, None]
-        bias = torch.zeros(len(reqs), width + block.block_len, dtype=self.params.dtype)
+        ``block.ends`` and bidirectionally to their own block."""
+        head_pages, width = self._request_pages(block.requests, int(block.ends.max()))
+        hidden = torch.arange(width)[None, :] >= block.ends[:, None]
+        bias = torch.zeros(block.requests.numel(), width + block.block_len, dtype=self.params.dtype)
         bias[:, :width].masked_fill_(hidden, float("-inf"))
-        self.prefill = PrefillRows(block.first_row, block.block_len,
-                                   self._head_pages(self.block_table[block.requests, :nblk]), bias[:, None, None])
+        self.prefill = PrefillRows(block.first_row, block.block_len, head_pages, bias[:, None, None])
 
-    def _head_pages(self, pages: torch.Tensor) -> torch.Tensor:
-        """(T, n) pages -> (T * Hkv * n,) rows of the cache viewed per page and KV head, request-major."""
+    def _request_pages(self, reqs: torch.Tensor, max_len: int) -> tuple[torch.Tensor, int]:
+        """The pages holding the first ``max_len`` tokens of requests ``reqs``, as rows of the
+        cache viewed per page and KV head (request-major, then head, then page), and their width
+        in tokens."""
+        nblk = -(-max_len // self.block_size)
         h = self.params.num_kv_heads
-        return (pages.long()[:, None, :] * h + torch.arange(h)[None, :, None]).flatten()
+        pages = self.block_table[reqs, :nblk].long()
+        return (pages[:, None, :] * h + torch.arange(h)[None, :, None]).flatten(), nblk * self.block_size
 
 
 def _kernel_batch(p: _KernelParams, qsl: torch.Tensor, seq_lens: torch.Tensor, block_table) -> KernelBatch:

@@ -96,6 +96,7 @@ class PrefillBlock:
     prefill drafting): rows ``first_row + j * block_len + r`` of the forward, past vLLM's own."""
 
     requests: torch.Tensor  # long: batch rows of the requests that got a block
+    ends: torch.Tensor  # long: each one's committed + scheduled tokens (the block's first position)
     first_row: int
     block_len: int
 
@@ -236,8 +237,7 @@ class _TiDARMixin:
         mds = {id(m): m for m in md_all.values() if hasattr(m, "set_tidar_steps")}
         if not mds:
             return input_ids, positions
-        md = next(iter(mds.values()))
-        qsl, prefilling = md.tidar_batch()
+        qsl, prefilling = next(iter(mds.values())).tidar_batch()
         scheduled = {e - s for s, e in zip(qsl[:-1], qsl[1:])}  # tokens per request, host side
         dev = input_ids.device
         num_reqs = len(qsl) - 1
@@ -264,10 +264,9 @@ class _TiDARMixin:
         block = self._prefill_block(mds, prefilling, input_ids.shape[0], layout.block_len)
         if block is not None:
             bl = block.block_len
-            ends = torch.tensor(md.seq_lens, dtype=torch.long, device=dev)[block.requests]  # position after each prefill
             extra = block.requests.numel() * bl
             input_ids = torch.cat([input_ids, input_ids.new_full((extra,), self.tidar_mask_id)])
-            positions = torch.cat([positions, (ends[:, None] + torch.arange(bl, device=dev)).flatten()])
+            positions = torch.cat([positions, (block.ends.to(dev)[:, None] + torch.arange(bl, device=dev)).flatten()])
             drafted = flags.clone()
             drafted[block.requests] = True
             st.prefill = block
@@ -301,7 +300,8 @@ class _TiDARMixin:
         reqs = [i for i, p in enumerate(prefilling) if p and seq_lens[i] + block_len <= self._tidar_max_len]
         if not reqs:
             return None
-        block = PrefillBlock(torch.tensor(reqs, dtype=torch.long), first_row, block_len)
+        block = PrefillBlock(torch.tensor(reqs, dtype=torch.long), torch.tensor([seq_lens[i] for i in reqs]),
+                             first_row, block_len)
         for m in mds.values():
             m.set_prefill_block(block)
         return block
