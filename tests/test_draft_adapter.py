@@ -226,6 +226,41 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base(merged_dtype
     assert root.blk.o_proj.cpu_linear is not base
 
 
+@pytest.mark.parametrize("merged_dtype", [torch.float32, torch.bfloat16])
+def test_draft_logits_run_on_a_head_in_the_draft_dtype(merged_dtype):
+    """``pack_draft_head``: with merged weights in bf16 (an fp32 model) the proposer's draft
+    logits come from a bf16 copy of the lm_head, padded vocab rows dropped, close to the fp32
+    head's (same argmax on clear winners); with fp32 merged weights there is no such head and
+    the model's own ``compute_logits`` drafts."""
+    from torch import nn
+
+    from vllm_tidar.draft_adapter import VLLMDraftAdapter
+
+    g = torch.Generator().manual_seed(1)
+    root = nn.Module()
+    root.blk = nn.Module()
+    root.blk.o_proj = nn.Linear(16, 16, bias=False)
+    adapter = DraftAdapter(AdapterSpec(2, ("o_proj",)), {"blk.o_proj": (16, 16)})
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    vad = VLLMDraftAdapter(root, adapter, "cpu", torch.float32, merged_dtype)
+    vad.merge_base()
+    head = torch.randn(40, 16, generator=g)  # 37 real vocab rows, 3 of padding
+    vad.pack_draft_head(head, 37)
+    h = torch.randn(5, 16, generator=g)
+    logits = vad.draft_logits(h)
+    if merged_dtype == torch.float32:
+        assert logits is None
+        return
+    exact = h @ head[:37].t()
+    assert logits.dtype == torch.bfloat16 and logits.shape == (5, 37)
+    torch.testing.assert_close(logits.float(), exact, rtol=2e-2, atol=0.2)
+    top2 = exact.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.5
+    assert torch.equal(logits.argmax(-1)[clear], exact.argmax(-1)[clear]) and clear.any()
+
+
 @pytest.mark.slow
 def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     """In vLLM: greedy output equals AR's, and tokens, accepted drafts per step and drafts equal
@@ -255,6 +290,7 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
         out16 = generate(llm, prompts, greedy)
         merged = runner_model(llm)._tidar_adapter._merged
         assert merged and all(h.weight.dtype == torch.bfloat16 for h in merged.values())
+        assert runner_model(llm)._tidar_adapter._head is not None  # the draft logits' bf16 lm_head
     finally:
         close_llm(llm)
     assert token_ids(out16) == ar

@@ -214,8 +214,10 @@ class VLLMDraftAdapter:
     CPU does not pay for). Elsewhere (CUDA, or no merged weights) the steady state adds the
     pair in place on a slice (``addmm_``) and a mixed batch adds ``(x @ A) @ B`` to the routed
     rows (a forward hook, no host sync). The merged copies cost one more copy of the adapted
-    layers' weights; ``merged_dtype`` (``draft_dtype``) is theirs, the mask rows cast to it and
-    back around the merged GEMM."""
+    layers' weights; ``merged_dtype`` (``draft_dtype``) is theirs, the mask rows cast to it
+    before the merged GEMM and its output back where it is placed. When that dtype is not the
+    model's, the proposer's draft logits run on a copy of the lm_head in it too
+    (``pack_draft_head``): drafts only, the verify rows' logits stay the model's."""
 
     def __init__(self, model, adapter: DraftAdapter, device, dtype, merged_dtype: torch.dtype | None = None):
         self.rows: torch.Tensor | None = None
@@ -225,6 +227,7 @@ class VLLMDraftAdapter:
         self.merged_dtype = merged_dtype
         self.modules: dict[str, nn.Module] = {}
         self._merged: dict[str, nn.Module] = {}  # target -> holder of the packed W + (A B)^T
+        self._head: tuple[nn.Module, int] | None = None  # packed draft lm_head, vocab size (pack_draft_head)
         self.split = False  # mask rows run on the merged weights
         self._routed: torch.Tensor | None = None
         self._hooks = []  # the low-rank path's forward hooks (removed once merged weights take over)
@@ -281,6 +284,33 @@ class VLLMDraftAdapter:
             merged[target] = holder
         self._merged = merged
 
+    def pack_draft_head(self, weight: torch.Tensor, vocab_size: int) -> None:
+        """On the CPU, with merged weights in a dtype other than the model's: the lm_head
+        ``weight`` (vocab rows, possibly padded past ``vocab_size``) in that dtype, packed by
+        vLLM's CPU GEMM dispatch, for ``draft_logits`` (half the bytes the fp32 head reads each
+        step, and bf16 matrix units where the CPU has them)."""
+        self._head = None
+        if self.device.type != "cpu" or not self._merged or self.merged_dtype in (None, weight.dtype):
+            return
+        if weight.ndim != 2 or weight.is_meta or not weight.is_floating_point():
+            return
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        holder = nn.Module()
+        holder.weight = nn.Parameter(weight.detach().to(self.merged_dtype), requires_grad=False)
+        dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
+        self._head = (holder, vocab_size)
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of draft rows on the packed draft head (``pack_draft_head``), in its dtype;
+        None without one (the model's own ``compute_logits`` then)."""
+        head = self._head
+        if head is None:
+            return None
+        holder, vocab = head
+        w = holder.weight
+        return holder.cpu_linear(hidden.to(w.dtype), w, None)[:, :vocab]
+
     def _install_split(self) -> None:
         """Once, at the first forward: wrap each adapted layer's CPU GEMM
         (``cpu_linear``, set by vLLM once weights are processed) so mask rows run on the merged
@@ -325,9 +355,11 @@ class VLLMDraftAdapter:
         gemm, dtype = merged.cpu_linear, merged.weight.dtype
 
         def merged_linear(x, bias):
+            """The merged GEMM; its output stays in the merged dtype (the ``cat`` or
+            ``index_copy_`` that places it casts it back)."""
             if x.dtype == dtype:
                 return gemm(x, merged.weight, bias)
-            return gemm(x.to(dtype), merged.weight, None if bias is None else bias.to(dtype)).to(x.dtype)
+            return gemm(x.to(dtype), merged.weight, None if bias is None else bias.to(dtype))
 
         def linear(x, weight, bias):
             blocks = self.blocks
@@ -336,10 +368,10 @@ class VLLMDraftAdapter:
                 if self.rows is not None:
                     rows = self._routed_rows(x.shape[0])
                     if rows.numel():
-                        out.index_copy_(0, rows, merged_linear(x[rows], bias))
+                        out.index_copy_(0, rows, merged_linear(x[rows], bias).to(out.dtype))
                 return out
             n, big_l, first = blocks
-            if n == 1:
+            if n == 1:  # torch.cat promotes the merged rows to the base's dtype in its copy
                 return torch.cat([base(x[:first], weight, bias), merged_linear(x[first:], bias)])
             xv = x.view(n, big_l, -1)
             head = base(xv[:, :first].reshape(n * first, -1), weight, bias)

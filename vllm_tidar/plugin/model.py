@@ -15,7 +15,8 @@ mask slots to vLLM as extra draft tokens). For such requests the model
   (``tidar_next_drafts``): the lm_head runs on ``K`` rows per request, not ``(K+1)*K``;
 * with a draft adapter in the checkpoint (``vllm_tidar.draft_adapter``), runs the rows of
   TiDAR steps whose input is MASK through it (the AR rows compute the base exactly; on the
-  CPU, steady-state steps run the mask rows on merged weights made in ``load_weights``);
+  CPU, steady-state steps run the mask rows on merged weights made in ``load_weights``, and
+  the proposer's draft logits on an lm_head copy in the same draft dtype);
 * in ``compute_logits`` sees only each request's verify rows ``x_last, d1..dm`` (``m`` real
   drafts; ``patches/tidar_verify_rows_only.py`` tells the model ``m + 1`` per request via
   ``tidar_set_sampled_rows``), optionally mixes in the bonus-mask logits with ``beta``, and
@@ -362,6 +363,7 @@ class _TiDARMixin:
         loaded = super().load_weights(weights)
         if self._tidar_adapter is not None:  # base weights are in; vLLM packs them next
             self._tidar_adapter.merge_base()
+            self._tidar_adapter.pack_draft_head(self.lm_head.weight, self.logits_processor.org_vocab_size)
         return loaded
 
     # --- logits --------------------------------------------------------------------------
@@ -406,8 +408,10 @@ class _TiDARMixin:
             return {}
         dev = hid.device
         ri = torch.tensor(rows, device=dev)
-        h = hid[ri, torch.tensor([accepted[i] for i in rows], device=dev), :num_drafts]  # (n, k, H)
-        logits = super().compute_logits(h.flatten(0, 1))
+        h = hid[ri, torch.tensor([accepted[i] for i in rows], device=dev), :num_drafts].flatten(0, 1)  # (n * k, H)
+        logits = self._tidar_adapter.draft_logits(h) if self._tidar_adapter is not None else None
+        if logits is None:  # argmax only: the logits processor's scale and soft cap keep it
+            logits = super().compute_logits(h)
         logits[:, self.tidar_mask_id] = -torch.inf
         ids = logits.argmax(-1).view(len(rows), -1).tolist()
         return {r: d for r, d, f in zip(rows, ids, last.drafted[ri].tolist()) if f}
