@@ -227,11 +227,12 @@ def test_mask_rows_run_on_merged_weights_and_other_rows_on_the_base(merged_dtype
 
 
 @pytest.mark.parametrize("merged_dtype", [torch.float32, torch.bfloat16])
-def test_draft_logits_run_on_a_head_in_the_draft_dtype(merged_dtype):
+def test_draft_tokens_come_from_a_head_in_the_draft_dtype_rescored(merged_dtype):
     """``pack_draft_head``: with merged weights in bf16 (an fp32 model) the proposer's draft
-    logits come from a bf16 copy of the lm_head, padded vocab rows dropped, close to the fp32
-    head's (same argmax on clear winners); with fp32 merged weights there is no such head and
-    the model's own ``compute_logits`` drafts."""
+    tokens come from a bf16 copy of the lm_head (padded vocab rows dropped, MASK never picked),
+    its top candidates rescored on the fp32 rows: the fp32 head's argmax on every row, near ties
+    included, where bf16 logits alone pick another token. With fp32 merged weights there is no
+    such head (the model's own ``compute_logits`` drafts)."""
     from torch import nn
 
     from vllm_tidar.draft_adapter import VLLMDraftAdapter
@@ -247,18 +248,21 @@ def test_draft_logits_run_on_a_head_in_the_draft_dtype(merged_dtype):
     vad = VLLMDraftAdapter(root, adapter, "cpu", torch.float32, merged_dtype)
     vad.merge_base()
     head = torch.randn(40, 16, generator=g)  # 37 real vocab rows, 3 of padding
+    head[5] = head[6] * (1 + 1e-4)  # near ties: bf16 cannot tell rows 5 and 6 apart
+    head[39] = 100 * head[6]  # a padding row that would win
     vad.pack_draft_head(head, 37)
-    h = torch.randn(5, 16, generator=g)
-    logits = vad.draft_logits(h)
+    h = torch.cat([head[6:7].repeat(8, 1) + 0.01 * torch.randn(8, 16, generator=g), torch.randn(200, 16, generator=g)])
+    ids = vad.draft_ids(h, exclude=2)
     if merged_dtype == torch.float32:
-        assert logits is None
+        assert ids is None
         return
     exact = h @ head[:37].t()
-    assert logits.dtype == torch.bfloat16 and logits.shape == (5, 37)
-    torch.testing.assert_close(logits.float(), exact, rtol=2e-2, atol=0.2)
-    top2 = exact.topk(2).values
-    clear = (top2[:, 0] - top2[:, 1]) > 0.5
-    assert torch.equal(logits.argmax(-1)[clear], exact.argmax(-1)[clear]) and clear.any()
+    exact[:, 2] = -torch.inf
+    assert torch.equal(ids, exact.argmax(-1))
+    lossy = (h.bfloat16() @ head[:37].bfloat16().t()).float()
+    lossy[:, 2] = -torch.inf
+    assert not torch.equal(lossy.argmax(-1), exact.argmax(-1))  # what rescoring fixes
+
 
 
 @pytest.mark.slow

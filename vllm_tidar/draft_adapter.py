@@ -34,6 +34,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # vLLM fuses these HF projections into one linear layer (outputs concatenated in this order)
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 DRAFT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+RESCORED = 4  # draft-head candidates per row rescored at the model's precision (draft_ids)
 
 
 def check_draft_dtype(requested: str | None) -> str:
@@ -216,8 +217,9 @@ class VLLMDraftAdapter:
     rows (a forward hook, no host sync). The merged copies cost one more copy of the adapted
     layers' weights; ``merged_dtype`` (``draft_dtype``) is theirs, the mask rows cast to it
     before the merged GEMM and its output back where it is placed. When that dtype is not the
-    model's, the proposer's draft logits run on a copy of the lm_head in it too
-    (``pack_draft_head``): drafts only, the verify rows' logits stay the model's."""
+    model's, the proposer's draft tokens come from a copy of the lm_head in it too, its top
+    candidates rescored at the model's precision (``pack_draft_head``, ``draft_ids``); the
+    verify rows' logits stay the model's."""
 
     def __init__(self, model, adapter: DraftAdapter, device, dtype, merged_dtype: torch.dtype | None = None):
         self.rows: torch.Tensor | None = None
@@ -227,7 +229,7 @@ class VLLMDraftAdapter:
         self.merged_dtype = merged_dtype
         self.modules: dict[str, nn.Module] = {}
         self._merged: dict[str, nn.Module] = {}  # target -> holder of the packed W + (A B)^T
-        self._head: tuple[nn.Module, int] | None = None  # packed draft lm_head, vocab size (pack_draft_head)
+        self._head: tuple[nn.Module, torch.Tensor, int] | None = None  # pack_draft_head: packed copy, weight, vocab
         self.split = False  # mask rows run on the merged weights
         self._routed: torch.Tensor | None = None
         self._hooks = []  # the low-rank path's forward hooks (removed once merged weights take over)
@@ -286,9 +288,10 @@ class VLLMDraftAdapter:
 
     def pack_draft_head(self, weight: torch.Tensor, vocab_size: int) -> None:
         """On the CPU, with merged weights in a dtype other than the model's: the lm_head
-        ``weight`` (vocab rows, possibly padded past ``vocab_size``) in that dtype, packed by
-        vLLM's CPU GEMM dispatch, for ``draft_logits`` (half the bytes the fp32 head reads each
-        step, and bf16 matrix units where the CPU has them)."""
+        ``weight`` (vocab rows, possibly padded past ``vocab_size``; kept by vLLM for the
+        embedding lookup) copied to that dtype and packed by vLLM's CPU GEMM dispatch, for
+        ``draft_ids`` (half the bytes the fp32 head streams each step, bf16 matrix units where
+        the CPU has them)."""
         self._head = None
         if self.device.type != "cpu" or not self._merged or self.merged_dtype in (None, weight.dtype):
             return
@@ -299,17 +302,22 @@ class VLLMDraftAdapter:
         holder = nn.Module()
         holder.weight = nn.Parameter(weight.detach().to(self.merged_dtype), requires_grad=False)
         dispatch_cpu_unquantized_gemm(holder, remove_weight=True)
-        self._head = (holder, vocab_size)
+        self._head = (holder, weight, vocab_size)
 
-    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits of draft rows on the packed draft head (``pack_draft_head``), in its dtype;
-        None without one (the model's own ``compute_logits`` then)."""
-        head = self._head
-        if head is None:
+    def draft_ids(self, hidden: torch.Tensor, exclude: int) -> torch.Tensor | None:
+        """Greedy draft token of each row of ``hidden`` (never ``exclude``, the MASK id) through
+        the packed draft head: its logits pick ``RESCORED`` candidates per row, which the model's
+        own lm_head rows then score in the hidden states' dtype. The pick is the full head's
+        argmax unless that token is not among the low-precision head's top candidates. None
+        without a packed head (the model's ``compute_logits`` drafts then)."""
+        if self._head is None:
             return None
-        holder, vocab = head
-        w = holder.weight
-        return holder.cpu_linear(hidden.to(w.dtype), w, None)[:, :vocab]
+        holder, weight, vocab = self._head
+        logits = holder.cpu_linear(hidden.to(holder.weight.dtype), holder.weight, None)[:, :vocab]
+        logits[:, exclude] = -torch.inf
+        cand = logits.topk(RESCORED, dim=-1).indices  # (n, c)
+        exact = torch.einsum("nd,ncd->nc", hidden, weight[cand].to(hidden.dtype))
+        return cand.gather(1, exact.argmax(-1, keepdim=True)).squeeze(1)
 
     def _install_split(self) -> None:
         """Once, at the first forward: wrap each adapted layer's CPU GEMM

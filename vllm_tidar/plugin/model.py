@@ -16,7 +16,7 @@ mask slots to vLLM as extra draft tokens). For such requests the model
 * with a draft adapter in the checkpoint (``vllm_tidar.draft_adapter``), runs the rows of
   TiDAR steps whose input is MASK through it (the AR rows compute the base exactly; on the
   CPU, steady-state steps run the mask rows on merged weights made in ``load_weights``, and
-  the proposer's draft logits on an lm_head copy in the same draft dtype);
+  the proposer's draft tokens from an lm_head copy in the same draft dtype, rescored);
 * in ``compute_logits`` sees only each request's verify rows ``x_last, d1..dm`` (``m`` real
   drafts; ``patches/tidar_verify_rows_only.py`` tells the model ``m + 1`` per request via
   ``tidar_set_sampled_rows``), optionally mixes in the bonus-mask logits with ``beta``, and
@@ -409,11 +409,13 @@ class _TiDARMixin:
         dev = hid.device
         ri = torch.tensor(rows, device=dev)
         h = hid[ri, torch.tensor([accepted[i] for i in rows], device=dev), :num_drafts].flatten(0, 1)  # (n * k, H)
-        logits = self._tidar_adapter.draft_logits(h) if self._tidar_adapter is not None else None
-        if logits is None:  # argmax only: the logits processor's scale and soft cap keep it
+        ad = self._tidar_adapter
+        ids = ad.draft_ids(h, self.tidar_mask_id) if ad is not None else None  # argmax only: the
+        if ids is None:  # logits processor's scale and soft cap keep it
             logits = super().compute_logits(h)
-        logits[:, self.tidar_mask_id] = -torch.inf
-        ids = logits.argmax(-1).view(len(rows), -1).tolist()
+            logits[:, self.tidar_mask_id] = -torch.inf
+            ids = logits.argmax(-1)
+        ids = ids.view(len(rows), -1).tolist()
         return {r: d for r, d, f in zip(rows, ids, last.drafted[ri].tolist()) if f}
 
 
