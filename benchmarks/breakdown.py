@@ -18,6 +18,10 @@ request decoding, none prefilling) of:
 * ``propose`` – ``propose_draft_token_ids`` (the proposer, with the lm_head on the accepted
   block's draft rows);
 * ``other`` – the rest of ``EngineCore.step`` (bookkeeping, output processing).
+
+A second table splits the linear layers' GEMMs out of ``forward``: per projection, the
+wall time of its CPU GEMM calls per step summed over the layers (``base``: vLLM's GEMM on the
+layer's own weights; ``merged``: a draft adapter's merged weights, which only mask rows run).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from vllm_tidar.plugin.common import engine_runner
 from .bench_stats import in_turn
 
 PARTS = ("schedule", "inputs", "attention", "forward", "logits", "sample", "propose", "update", "other")
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+GEMMS = tuple(f"{p} {kind}" for kind in ("base", "merged") for p in PROJECTIONS)
 
 
 class StepTimers:
@@ -63,6 +69,15 @@ class StepTimers:
         for m in r.model.modules():
             if isinstance(m, Attention):
                 self._wrap(m.impl, "forward", "attention")
+        # the projections' CPU GEMMs (before the first forward: a draft adapter takes the
+        # layer's GEMM and its merged weights' GEMM into its split linear then)
+        for name, m in r.model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in PROJECTIONS and "cpu_linear" in vars(m):
+                self._wrap(m, "cpu_linear", f"{leaf} base")
+        adapter = getattr(r.model, "_tidar_adapter", None)
+        for target, holder in (adapter.merged_layers() if adapter is not None else {}).items():
+            self._wrap(holder, "cpu_linear", f"{target.rsplit('.', 1)[-1]} merged")
         self._scheduled = 0
 
     def _wrap(self, obj, name: str, label: str) -> None:
@@ -100,6 +115,7 @@ class StepTimers:
         rec["attention"] = att
         rec["forward"] = fwd - att
         rec["other"] = total_ms - sum(rec.values())
+        rec.update({g: a.get(g, 0.0) for g in GEMMS})  # inside "forward"
         rec["total"] = total_ms
         rec["num_reqs"] = len(so.num_scheduled_tokens)
         rec["tokens"] = so.total_num_scheduled_tokens
@@ -170,9 +186,9 @@ def measure(ckpt: Path, engines: list[tuple[str, dict]], prompts, batch_sizes, m
     try:
         for label, engine in engines:
             llm = build(ckpt, engine, batch_sizes, dtype)
+            live[label] = (llm, StepTimers(llm))
             # warm-up: the first batch size once in full, so the timed steps are not the engine's first
             llm.generate([{"prompt_token_ids": p} for p in prompts[: batch_sizes[0]]], sp, use_tqdm=False)
-            live[label] = (llm, StepTimers(llm))
         for n, b in enumerate(batch_sizes):
             for label in in_turn(list(live), n):
                 llm, timers = live[label]
@@ -181,7 +197,7 @@ def measure(ckpt: Path, engines: list[tuple[str, dict]], prompts, batch_sizes, m
                 dec = [s for s in timers.steps if s["decode"] and s["num_reqs"] == b]
                 if not dec:
                     continue
-                med = {p: statistics.median(s[p] for s in dec) for p in (*PARTS, "total")}
+                med = {p: statistics.median(s[p] for s in dec) for p in (*PARTS, *GEMMS, "total")}
                 med["steps"] = len(dec)
                 med["tokens_per_step"] = statistics.median(s["tokens"] for s in dec)
                 out[label][b] = med
@@ -206,6 +222,13 @@ def markdown(results: dict, meta: dict) -> str:
             ratio = f"{med['total'] / ar['total']:.2f}" if ar else ""
             lines.append(f"| {label} | {b} | {med['tokens_per_step']:.0f} | " + " | ".join(f"{med[p]:.2f}" for p in PARTS)
                          + f" | {med['total']:.2f} | {ratio} |")
+    lines += ["", "The linear layers' GEMMs inside `forward`: ms per engine step, summed over the layers (median over decode "
+              "steps; `base`: the layer's weights, `merged`: the draft adapter's merged weights, mask rows only).", "",
+              "| method | batch | " + " | ".join(GEMMS) + " | all GEMMs |", "|---|---:|" + "---:|" * (len(GEMMS) + 1)]
+    for label, per_b in results.items():
+        for b, med in per_b.items():
+            lines.append(f"| {label} | {b} | " + " | ".join(f"{med.get(g, 0.0):.2f}" for g in GEMMS)
+                         + f" | {sum(med.get(g, 0.0) for g in GEMMS):.2f} |")
     return "\n".join(lines) + "\n"
 
 

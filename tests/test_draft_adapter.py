@@ -292,7 +292,7 @@ def test_vllm_runs_the_adapter_on_mask_rows_only(tmp_path):
     llm = make_llm(ckpt, hf_overrides={"tidar_draft_dtype": "bfloat16"}, per_request_spec_decode_metrics="detailed")
     try:
         out16 = generate(llm, prompts, greedy)
-        merged = runner_model(llm)._tidar_adapter._merged
+        merged = runner_model(llm)._tidar_adapter.merged_layers()
         assert merged and all(h.weight.dtype == torch.bfloat16 for h in merged.values())
         assert runner_model(llm)._tidar_adapter._head is not None  # the draft logits' bf16 lm_head
     finally:

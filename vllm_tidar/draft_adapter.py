@@ -286,6 +286,11 @@ class VLLMDraftAdapter:
             merged[target] = holder
         self._merged = merged
 
+    def merged_layers(self) -> dict[str, nn.Module]:
+        """Adapted layer name -> the holder of its packed merged weights (its ``cpu_linear``
+        is the GEMM the mask rows run); empty where the low-rank path runs instead."""
+        return dict(self._merged)
+
     def pack_draft_head(self, weight: torch.Tensor, vocab_size: int) -> None:
         """On the CPU, with merged weights in a dtype other than the model's: the lm_head
         ``weight`` (vocab rows, possibly padded past ``vocab_size``; kept by vLLM for the
