@@ -247,6 +247,8 @@ def test_draft_tokens_come_from_a_head_in_the_draft_dtype_rescored(merged_dtype)
             p.copy_(torch.randn(p.shape, generator=g))
     vad = VLLMDraftAdapter(root, adapter, "cpu", torch.float32, merged_dtype)
     vad.merge_base()
+    vad.pack_draft_head(None, 37)  # no plain lm_head on this rank (another pipeline stage's)
+    assert vad.draft_ids(torch.randn(2, 16, generator=g), exclude=2) is None
     head = torch.randn(40, 16, generator=g)  # 37 real vocab rows, 3 of padding
     head[5] = head[6] * (1 + 1e-4)  # near ties: bf16 cannot tell rows 5 and 6 apart
     head[39] = 100 * head[6]  # a padding row that would win

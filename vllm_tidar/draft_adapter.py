@@ -291,16 +291,18 @@ class VLLMDraftAdapter:
         is the GEMM the mask rows run); empty where the low-rank path runs instead."""
         return dict(self._merged)
 
-    def pack_draft_head(self, weight: torch.Tensor, vocab_size: int) -> None:
+    def pack_draft_head(self, weight: torch.Tensor | None, vocab_size: int) -> None:
         """On the CPU, with merged weights in a dtype other than the model's: the lm_head
         ``weight`` (vocab rows, possibly padded past ``vocab_size``; kept by vLLM for the
         embedding lookup) copied to that dtype and packed by vLLM's CPU GEMM dispatch, for
         ``draft_ids`` (half the bytes the fp32 head streams each step, bf16 matrix units where
         the CPU has them)."""
         self._head = None
-        if self.device.type != "cpu" or not self._merged or self.merged_dtype in (None, weight.dtype):
+        if self.device.type != "cpu" or not self._merged or self.merged_dtype is None:
             return
-        if weight.ndim != 2 or weight.is_meta or not weight.is_floating_point():
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.is_meta or not weight.is_floating_point():
+            return  # no plain lm_head here (quantized, or another pipeline stage's)
+        if weight.dtype == self.merged_dtype:
             return
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
@@ -320,7 +322,7 @@ class VLLMDraftAdapter:
         holder, weight, vocab = self._head
         logits = holder.cpu_linear(hidden.to(holder.weight.dtype), holder.weight, None)[:, :vocab]
         logits[:, exclude] = -torch.inf
-        cand = logits.topk(RESCORED, dim=-1).indices  # (n, c)
+        cand = logits.topk(min(RESCORED, vocab), dim=-1).indices  # (n, c)
         exact = torch.einsum("nd,ncd->nc", hidden, weight[cand].to(hidden.dtype))
         return cand.gather(1, exact.argmax(-1, keepdim=True)).squeeze(1)
 

@@ -363,7 +363,8 @@ class _TiDARMixin:
         loaded = super().load_weights(weights)
         if self._tidar_adapter is not None:  # base weights are in; vLLM packs them next
             self._tidar_adapter.merge_base()
-            self._tidar_adapter.pack_draft_head(self.lm_head.weight, self.logits_processor.org_vocab_size)
+            self._tidar_adapter.pack_draft_head(getattr(self.lm_head, "weight", None),
+                                                self.logits_processor.org_vocab_size)
         return loaded
 
     # --- logits --------------------------------------------------------------------------
